@@ -1,0 +1,87 @@
+# xmretrieval: every target sets up .venv itself (offline-safe), so `make test` / `make reproduce`
+# are the whole set-up on a fresh clone.
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# reproduce/docs run on the full preset; tests use the tiny one
+export XMR_MODE ?= quick
+
+STAMP := $(VENV)/.stamp-dev
+DOCS_STAMP := $(VENV)/.stamp-docs
+
+.PHONY: help install test sync-check nbtest pytest reproduce docs docs-screenshots lab clean-nbs export bench system-deps
+
+help:
+	@echo "make test        full gate: notebooks clean, library in sync, nbdev_test, pytest"
+	@echo "make reproduce   build the offline benchmarks, train and evaluate every model, write results/"
+	@echo "make docs        build the offline documentation site into _site/"
+	@echo "make lab         JupyterLab on nbs/"
+	@echo "make bench       run the benchmarks in bench/ (JSON into bench/results/)"
+
+# Debian packages the embedded benchmark needs (emoji font, CLDR annotations). Only as root; otherwise
+# xmretrieval.data raises an error naming the package to install.
+system-deps:
+	@if [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing fonts-noto-color-emoji unicode-cldr-core (apt)"; \
+	  (apt-get install -y -q fonts-noto-color-emoji unicode-cldr-core >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q fonts-noto-color-emoji unicode-cldr-core >/dev/null 2>&1)) \
+	   || echo "warning: could not install fonts-noto-color-emoji; the emoji benchmarks will ask for it"; \
+	fi
+
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first: the CPU wheel. Any looser spec lets pip fetch several GB of CUDA packages.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,docs]"
+	touch $@
+
+install: $(STAMP) system-deps
+
+sync-check: $(STAMP)
+	$(BIN)/python tools/check_sync.py
+
+nbtest: $(STAMP) system-deps
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q tests
+
+# The gate CI runs. pytest last, so its summary line closes the run.
+test: $(STAMP) system-deps
+	$(BIN)/python tools/check_sync.py
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/python -m pytest -q tests
+
+reproduce: $(STAMP) system-deps
+	XMR_MODE=full $(BIN)/python -m xmretrieval.reproduce --out results
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python tools/build_docs.py
+
+docs-screenshots: docs
+	$(BIN)/python tools/screenshots.py
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab nbs
+
+export: $(STAMP)
+	$(BIN)/nbdev_export
+
+clean-nbs: $(STAMP)
+	$(BIN)/nbdev_clean
+
+bench: $(STAMP) system-deps
+	$(BIN)/python bench/run_all.py
