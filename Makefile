@@ -15,16 +15,19 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # reproduce/docs run on the full preset; tests use the tiny one
 export XMR_MODE ?= quick
 
+# pip, quiet, without the local mirror's harmless 'Location ... is ignored' warnings
+PIP = $(BIN)/pip install -q 2> >(grep -v "^WARNING: Location" >&2)
 STAMP := $(VENV)/.stamp-dev
 DOCS_STAMP := $(VENV)/.stamp-docs
 
-.PHONY: help install test sync-check nbtest pytest reproduce docs docs-screenshots lab clean-nbs export bench system-deps
+.PHONY: help install test test-slow sync-check nbtest pytest reproduce docs docs-screenshots lab clean-nbs export bench system-deps
 
 help:
 	@echo "make test        full gate: notebooks clean, library in sync, nbdev_test, pytest"
 	@echo "make reproduce   build the offline benchmarks, train and evaluate every model, write results/"
 	@echo "make docs        build the offline documentation site into _site/"
 	@echo "make lab         JupyterLab on nbs/"
+	@echo "make test-slow   also the slow notebook cells and tests"
 	@echo "make bench       run the benchmarks in bench/ (JSON into bench/results/)"
 
 # Debian packages the embedded benchmark needs (emoji font, CLDR annotations). Only as root; otherwise
@@ -40,12 +43,12 @@ system-deps:
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first: the CPU wheel. Any looser spec lets pip fetch several GB of CUDA packages.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
 	touch $@
 
 $(DOCS_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e ".[dev,docs]"
+	$(PIP) -e ".[dev,docs]"
 	touch $@
 
 install: $(STAMP) system-deps
@@ -64,6 +67,11 @@ test: $(STAMP) system-deps
 	$(BIN)/python tools/check_sync.py
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/python -m pytest -q tests
+
+# the slow notebook cells and tests, skipped by `make test`
+test-slow: $(STAMP) system-deps
+	$(BIN)/nbdev_test --n_workers 2 --flags slow
+	$(BIN)/python -m pytest -q --runslow tests
 
 reproduce: $(STAMP) system-deps
 	XMR_MODE=full $(BIN)/python -m xmretrieval.reproduce --out results
