@@ -11,6 +11,8 @@ from __future__ import annotations
 import configparser
 from pathlib import Path
 
+import sphinx
+
 _root = Path(__file__).resolve().parent.parent
 _ini = configparser.ConfigParser()
 _ini.read(_root / "settings.ini")
@@ -41,6 +43,14 @@ nb_merge_streams = True
 nb_ipywidgets_js = {}                    # never load widget JS from a CDN
 nb_render_markdown_format = "myst"       # markdown outputs may contain math
 suppress_warnings = ["myst.header", "mystnb.unknown_mime_type", "misc.highlighting_failure"]
+
+# MathJax 3 (vendored): `textmacros` so that `\text{text\_to\_visual}` shows underscores as in Jupyter/Quarto.
+# Sphinx >= 9 writes `mathjax4_config`, older ones `mathjax3_config`; the object is the same for MathJax 3.
+_mathjax = {"loader": {"load": ["[tex]/textmacros"]}, "tex": {"packages": {"[+]": ["textmacros"]}}}
+if int(sphinx.__version__.split(".")[0]) >= 9:
+    mathjax4_config = _mathjax
+else:
+    mathjax3_config = _mathjax
 
 # ---- HTML -------------------------------------------------------------------------------------------
 html_theme = "furo"

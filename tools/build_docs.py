@@ -461,22 +461,30 @@ def _docname(proc: Path, rel: Path) -> str:
     return (rel.parent / Path(out).stem).as_posix()
 
 
-def make_sources(procs: dict[Path, Path], nbs: Path, src_dir: Path) -> list[str]:
-    "Write the Sphinx source tree; returns the docnames in navigation order."
+def make_sources(procs: dict[Path, Path], nbs: Path, src_dir: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """Write the Sphinx source tree; returns the docnames in navigation order and the pages renamed because
+    their nbdev name was taken ({nbdev name: [page names]})."""
     cfg = _cfg()
     site = Site(host=(cfg.doc_host.rstrip("/") + "/" + cfg.doc_baseurl.strip("/")).rstrip("/"))
-    entries = []  # (rel, proc, docname)
-    for src, proc in procs.items():
+    entries, taken, aliases = [], {}, {}  # entries: (rel, proc, docname)
+    # nbs/index.ipynb claims the home page first; then by file name
+    for src, proc in sorted(procs.items(), key=lambda kv: (kv[0].relative_to(nbs).as_posix() != "index.ipynb",
+                                                           kv[0].relative_to(nbs).as_posix())):
         rel = src.relative_to(nbs)
         doc = _docname(proc, rel)
+        if doc in taken:  # e.g. 03_index.ipynb -> index.html, the home page: nbdev's Quarto site would clash
+            alt = (rel.parent / rel.stem).as_posix()
+            print(f"docs: nbs/{rel} and nbs/{taken[doc]} both make the page '{doc}.html' (nbdev drops the number "
+                  f"prefix); nbs/{rel} becomes '{alt}.html' here, but rename the notebook", flush=True)
+            aliases.setdefault(doc, []).append(alt)
+            doc = alt
+        taken[doc] = rel
         entries.append((rel, proc, doc))
         site.pages[rel.name] = doc                          # [x](01_similarity.ipynb)
-        site.pages[Path(doc).name + ".html"] = doc          # [x](similarity.html)
-        site.pages[Path(doc).name + ".ipynb"] = doc
+        site.pages.setdefault(Path(doc).name + ".html", doc)  # [x](similarity.html)
+        site.pages.setdefault(Path(doc).name + ".ipynb", doc)
+    entries.sort(key=lambda e: e[0].as_posix())
     docnames = [d for _, _, d in entries]
-    dup = {d for d in docnames if docnames.count(d) > 1}
-    if dup:
-        raise DocsError(f"two notebooks give the same page name {sorted(dup)}: rename one of them")
     nav = [(doc, group_of(rel)) for rel, _, doc in entries if doc != "index"]
     written = set()
     for rel, proc, doc in entries:
@@ -509,7 +517,7 @@ def make_sources(procs: dict[Path, Path], nbs: Path, src_dir: Path) -> list[str]
     for f in list(src_dir.rglob("*")):  # notebooks deleted from nbs/ leave the site
         if f.is_file() and f.resolve() not in written:
             f.unlink()
-    return ["index"] + [d for d, _ in nav]
+    return ["index"] + [d for d, _ in nav], aliases
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -525,10 +533,13 @@ def sphinx_build(src_dir: Path, out: Path, doctrees: Path, fresh: bool = False) 
         raise DocsError(f"sphinx-build failed (exit {r.returncode}): {' '.join(cmd)}")
 
 
-def relativize_links(out: Path) -> tuple[int, int]:
+def relativize_links(out: Path, aliases: dict[str, list[str]] | None = None) -> tuple[int, int]:
     """nbdev writes links to the published site (`doc_host/doc_baseurl/core.html#x`): point them into this site.
     A link to a name that has no show_doc entry (a method, say) goes to its class's entry, else to the page,
-    as a browser would do with nbdev's Quarto site. Returns (links rewritten, links retargeted)."""
+    as a browser would do with nbdev's Quarto site; `aliases` ({nbdev page: [pages]}) are searched for the
+    anchor first (pages renamed because two notebooks had the same nbdev name).
+    Returns (links rewritten, links retargeted)."""
+    aliases = aliases or {}
     cfg = _cfg()
     host = (cfg.doc_host.rstrip("/") + "/" + cfg.doc_baseurl.strip("/")).rstrip("/") + "/"
     pat = re.compile(r'(\shref=")' + re.escape(host) + r'([^"#]*)(#[^"]*)?"')
@@ -553,6 +564,9 @@ def relativize_links(out: Path) -> tuple[int, int]:
         def fix(m: re.Match) -> str:
             nonlocal n, moved
             rel, frag = m.group(2) or "index.html", unquote((m.group(3) or "")[1:])
+            if frag and frag not in ids_of(rel):
+                rel = next((a + ".html" for a in aliases.get(rel.removesuffix(".html"), [])
+                            if frag in ids_of(a + ".html")), rel)
             if frag and frag not in ids_of(rel):
                 parts = frag.split(".")
                 while parts and ".".join(parts) not in ids_of(rel):
@@ -660,15 +674,15 @@ def build(out: Path, work: Path, force: bool = False, jobs: int = 2, check: bool
     procs = process_notebooks(nbs, work, force=force, jobs=jobs)
     t1 = time.time()
     src_dir, doctrees, html = work / "_sphinx", work / "_doctrees", work / "_html"
-    docs = make_sources(procs, nbs, src_dir)
+    docs, aliases = make_sources(procs, nbs, src_dir)
     sphinx_build(src_dir, html, doctrees, fresh=force)  # incremental: only changed pages are written
     # the site is a fresh copy, post-processed as a whole
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = work / "_site.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(html, tmp, ignore=shutil.ignore_patterns(".buildinfo", "_sources", ".doctrees"))
-    n_rel, n_moved = relativize_links(tmp)
+    n_rel, n_moved = relativize_links(tmp, aliases)
     shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    shutil.move(tmp, out)
     t2 = time.time()
     summary = {"notebooks": len(procs), "pages": docs, "process_s": round(t1 - t0, 1),
                "render_s": round(t2 - t1, 1), "relinked": n_rel, "retargeted": n_moved}
