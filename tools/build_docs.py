@@ -430,16 +430,21 @@ def _code_cell(src: str, outputs: list, dirs: dict, i: int) -> dict:
             "source": src, "execution_count": None, "outputs": outputs}
 
 
-def _toctree(pages: list[tuple[str, str]]) -> str:
-    "Hidden toctrees (one per sidebar group) appended to the home page."
-    groups: dict[str, list[str]] = {}
-    for docname, group in pages:
-        groups.setdefault(group, []).append(docname)
+def _toctree(pages: list[tuple[str, str, str]], home: bool = True) -> str:
+    """The navigation, appended to the home page: per sidebar group a list of its pages with their one-line
+    summaries, and a hidden toctree (Sphinx builds the sidebar from it). `pages`: (docname, group, summary)."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for docname, group, summary in pages:
+        groups.setdefault(group, []).append((docname, summary))
     order = [GUIDES] + [g for g, _ in GROUPS]
     keys = sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
     out = []
     for g in keys:
-        out.append(f"```{{toctree}}\n:caption: {g}\n:hidden:\n:maxdepth: 1\n\n" + "\n".join(groups[g]) + "\n```\n")
+        items = "\n".join(f"- [](<{d}.ipynb>)" + (f": {' '.join(s.split())}" if s else "") for d, s in groups[g])
+        if home:
+            out.append(f"::::{{container}} xmr-page-list\n**{g}**\n\n{items}\n::::\n")
+        out.append(f"```{{toctree}}\n:caption: {g}\n:hidden:\n:maxdepth: 1\n\n"
+                   + "\n".join(d for d, _ in groups[g]) + "\n```\n")
     return "\n".join(out)
 
 
@@ -448,6 +453,16 @@ def _write_if_changed(path: Path, text: str) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+def _summary(proc: Path) -> str:
+    "The notebook's one-line summary (`> summary` under its title)."
+    try:
+        nb = json.loads(proc.read_text(encoding="utf-8"))
+        fm = _frontmatter(nb["cells"][0]) if nb.get("cells") else None
+    except (OSError, ValueError):
+        fm = None
+    return str((fm or {}).get("description") or "")
 
 
 def _docname(proc: Path, rel: Path) -> str:
@@ -485,7 +500,7 @@ def make_sources(procs: dict[Path, Path], nbs: Path, src_dir: Path) -> tuple[lis
         site.pages.setdefault(Path(doc).name + ".ipynb", doc)
     entries.sort(key=lambda e: e[0].as_posix())
     docnames = [d for _, _, d in entries]
-    nav = [(doc, group_of(rel)) for rel, _, doc in entries if doc != "index"]
+    nav = [(doc, group_of(rel), _summary(proc)) for rel, proc, doc in entries if doc != "index"]
     written = set()
     for rel, proc, doc in entries:
         nb = json.loads(proc.read_text(encoding="utf-8"))
@@ -517,7 +532,7 @@ def make_sources(procs: dict[Path, Path], nbs: Path, src_dir: Path) -> tuple[lis
     for f in list(src_dir.rglob("*")):  # notebooks deleted from nbs/ leave the site
         if f.is_file() and f.resolve() not in written:
             f.unlink()
-    return ["index"] + [d for d, _ in nav], aliases
+    return ["index"] + [d for d, _, _ in nav], aliases
 
 
 # ---------------------------------------------------------------------------------------------------
