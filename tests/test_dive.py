@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from xmretrieval.core import ConfigError, ShapeError, fork_rng, make_generator
 from xmretrieval.models.base import build_model
+from xmretrieval.train import OptimConfig, param_groups
 from xmretrieval.models.dive import (AggregationBlock, DiveConfig, DiveLossConfig, DivE, PIENet, SetPredictionModule,
                                      SetSimilarity, attention_weights, dive_loss, drop_inputs, mmd_loss, mp_similarity,
                                      set_log_variance, sine_positions, uniformity_loss)
@@ -296,7 +297,7 @@ def test_short_training_loop_beats_random_ranking(one_thread):
     cfg = DiveConfig(visual_dim=16, text_dim=12, embed_dim=32, heads=2, head_dim=16, depth=2, dropout=0.0)
     with fork_rng(0):
         m = DivE(cfg)
-        opt = torch.optim.AdamW(m.param_groups(2e-3, 1e-4))
+        opt = torch.optim.AdamW(param_groups(m, OptimConfig(lr=2e-3, lr_scales={"visual_spm": 0.1, "text_spm": 0.1})))
         g = make_generator(0)
         n = train["visual_local"].shape[0]
         for step in range(120):
