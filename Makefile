@@ -12,8 +12,9 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# reproduce/docs run on the full preset; tests use the tiny one
+# notebooks and tests run in quick mode (tiny presets); `make reproduce` in full mode unless MODE=quick
 export XMR_MODE ?= quick
+MODE ?= full
 
 # pip, quiet, without the local mirror's harmless 'Location ... is ignored' warnings
 PIP = $(BIN)/pip install -q 2> >(grep -v "^WARNING: Location" >&2)
@@ -74,7 +75,7 @@ test-slow: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q --runslow tests
 
 reproduce: $(STAMP) system-deps
-	XMR_MODE=full $(BIN)/python -m xmretrieval.reproduce --out results
+	$(BIN)/python -m xmretrieval.reproduce --mode $(MODE) --out results
 
 docs: $(DOCS_STAMP)
 	$(BIN)/python tools/build_docs.py
