@@ -130,7 +130,7 @@ def test_candidates_are_unique_and_contain_owners(set_data):
     sets, q = set_data
     idx = SetEmbeddingIndex(16, SetIndexConfig(element_k=5)).add(sets)
     cand = idx.candidates(q)
-    assert cand.shape == (60, 15)
+    assert cand.shape[0] == 60 and cand.shape[1] <= 15
     for row in cand:
         v = row[row >= 0]
         assert len(v) == len(v.unique())

@@ -160,8 +160,8 @@ def test_bad_inputs_name_arguments():
 
 
 def test_peak_block_is_bounded_by_chunk():
-    "the auto chunk keeps the (n, kx, c, ky) block near 4M entries whatever the gallery size"
+    "the auto chunk keeps the (n, kx, c, ky) block near 8M entries whatever the gallery size"
     from xmretrieval.similarity import _auto_chunk
-    assert _auto_chunk(1000, 4, 4, None) * 1000 * 16 <= 2 ** 22
+    assert _auto_chunk(1000, 4, 4, None) * 1000 * 16 <= 2 ** 23
     assert _auto_chunk(10 ** 7, 4, 4, None) == 1
     assert _auto_chunk(10, 4, 4, 7) == 7
