@@ -207,3 +207,15 @@ def test_full_site(tmp_path):
     for nb in (ROOT / "nbs").glob("[!_.]*.ipynb"):
         name = "index" if nb.stem == "index" else re.sub(r"^\d+[a-zA-Z0-9]*_", "", nb.stem)
         assert (site / f"{name}.html").exists(), f"no page for {nb.name}"
+
+
+@pytest.mark.slow
+def test_small_site_in_chromium(small_site, tmp_path):
+    "Headless Chromium (Debian's `chromium`) typesets every formula with the vendored MathJax, offline."
+    site, _ = small_site
+    shot = ROOT / "tools" / "screenshots.py"
+    r = subprocess.run([sys.executable, str(shot), "docs_sample", "core", "--site", str(site), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 of 2 formulas typeset by MathJax" in r.stdout
+    assert (tmp_path / "docs_sample.png").stat().st_size > 10_000 and (tmp_path / "core.png").exists()

@@ -681,9 +681,20 @@ def check_site(out: Path) -> tuple[list[str], dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
+def check_requirements() -> None:
+    "The docs requirements (settings.ini `docs_requirements`, the `docs` extra) are importable."
+    import importlib.util
+    missing = [m for m in ("sphinx", "myst_nb", "furo", "sphinx-mathjax-offline", "nbdev")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DocsError(f"missing docs requirements {missing}: `make docs` installs them, or run "
+                        f"`{Path(sys.executable).parent}/pip install -e '.[dev,docs]'`")
+
+
 def build(out: Path, work: Path, force: bool = False, jobs: int = 2, check: bool = True,
           nbs: Path | None = None) -> dict:
     "The whole pipeline; returns a summary. Raises DocsError with what to fix."
+    check_requirements()
     t0 = time.time()
     nbs = Path(nbs or _cfg().nbs_path).resolve()
     procs = process_notebooks(nbs, work, force=force, jobs=jobs)

@@ -48,17 +48,31 @@ def serve(site: Path):
         httpd.server_close()
 
 
-def screenshot(chromium: str, url: str, png: Path, width: int, height: int, budget_ms: int = 15000) -> None:
+def _chromium(chromium: str, url: str, *args: str, width: int = 1280, height: int = 1600,
+              budget_ms: int = 15000) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="xmr-chromium-") as profile:
         cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                "--disable-extensions", "--disable-default-apps", "--hide-scrollbars", "--mute-audio",
                f"--user-data-dir={profile}", f"--window-size={width},{height}",
                f"--virtual-time-budget={budget_ms}",  # let MathJax typeset before the picture is taken
-               f"--screenshot={png}", url]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+               *args, url]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def screenshot(chromium: str, url: str, png: Path, width: int, height: int) -> None:
+    r = _chromium(chromium, url, f"--screenshot={png}", width=width, height=height)
     if r.returncode or not png.exists() or png.stat().st_size == 0:
         raise RuntimeError(f"chromium failed for {url} (exit {r.returncode}):\n{r.stderr[-2000:]}")
+
+
+def typeset_math(chromium: str, url: str) -> tuple[int, int]:
+    "(formulas in the page, formulas MathJax typeset without a TeX error) after the page's scripts ran."
+    r = _chromium(chromium, url, "--dump-dom")
+    if r.returncode:
+        raise RuntimeError(f"chromium failed for {url} (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    dom = r.stdout
+    return dom.count('class="math notranslate'), dom.count("<mjx-container") - dom.count("<mjx-merror")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,13 +92,24 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         have = sorted(f.stem for f in site.glob("*.html") if f.stem not in ("genindex", "search"))
         sys.exit(f"screenshots: no page {missing} in {site}; pages: {', '.join(have)}")
+    bad = []
     with serve(site) as base:
         for page in a.pages:
             page = page.removesuffix(".html")
             png = out / f"{page}.png"
             png.unlink(missing_ok=True)
-            screenshot(chromium, f"{base}/{page}.html", png, a.width, a.height)
-            print(f"{png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
+            url = f"{base}/{page}.html"
+            screenshot(chromium, url, png, a.width, a.height)
+            n_math, n_done = typeset_math(chromium, url)
+            print(f"{png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}"
+                  + (f"  ({n_done} of {n_math} formulas typeset by MathJax, no TeX errors)" if n_math and n_done >= n_math
+                     else f"  ({n_done} of {n_math} formulas typeset without a TeX error)" if n_math else ""))
+            if n_math and n_done < n_math:
+                bad.append(page)
+    if bad:
+        print(f"screenshots: MathJax did not typeset every formula on {bad} (look at the pictures: TeX errors "
+              f"show in red)", file=sys.stderr)
+        return 1
     return 0
 
 
