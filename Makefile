@@ -19,7 +19,6 @@ MODE ?= full
 # pip, quiet, without the local mirror's harmless 'Location ... is ignored' warnings
 PIP = $(BIN)/pip install -q 2> >(grep -v "^WARNING: Location" >&2)
 STAMP := $(VENV)/.stamp-dev
-DOCS_STAMP := $(VENV)/.stamp-docs
 
 .PHONY: help install test test-slow sync-check nbtest pytest reproduce docs docs-screenshots lab clean-nbs export bench system-deps
 
@@ -48,10 +47,6 @@ $(STAMP): settings.ini setup.py
 	$(PIP) -e ".[dev]"
 	touch $@
 
-$(DOCS_STAMP): $(STAMP)
-	$(PIP) -e ".[dev,docs]"
-	touch $@
-
 install: $(STAMP) system-deps
 
 sync-check: $(STAMP)
@@ -77,10 +72,11 @@ test-slow: $(STAMP) system-deps
 reproduce: $(STAMP) system-deps
 	$(BIN)/python -m xmretrieval.reproduce --mode $(MODE) --out results
 
-docs: $(DOCS_STAMP)
+docs: $(STAMP)
 	$(BIN)/python tools/build_docs.py
 
 docs-screenshots: docs
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null); fi
 	$(BIN)/python tools/screenshots.py
 
 lab: $(STAMP)

@@ -46,7 +46,7 @@ setuptools.setup(
     package_data={cfg["lib_path"]: cfg.get("package_data", "").split()},
     include_package_data=True,
     install_requires=reqs("requirements"),
-    extras_require={"dev": reqs("dev_requirements"), "docs": reqs("docs_requirements")},
+    extras_require={"dev": reqs("dev_requirements")},
     python_requires=">=" + min_python,
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
