@@ -62,7 +62,7 @@ def test_scenes_and_video_tiny_end_to_end():
     assert isinstance(im, Image.Image) and im.size == (224, 224)
     assert [o["name"] for o in sc.meta["items"][5]["objects"]] == [o["name"] for o in E.benchmark_item("emoji-scenes", "tiny", "test", 5).info["objects"]]
     vd = load_benchmark("emoji-video", "tiny", "test")
-    assert vd.visual_local.shape == (40, 16, 1280) and vd.visual_mask is None
+    assert vd.visual_local.shape == (32, 16, 1280) and vd.visual_mask is None
     assert torch.allclose(vd.visual_global, vd.visual_local.mean(1), atol=1e-2)
     assert E.render_item("emoji-video", "tiny", "test", 0).size == (16 * 112, 112)
     with pytest.raises(DataError, match="out of range"):
