@@ -115,3 +115,10 @@ def test_video_readers(tmp_path, frames):
         (dd / "test_list.txt").write_text("video99\n")
         (dd / "test_data.json").write_text(json.dumps([{"video": "video99", "description": "x", "times": [[0, 0]]}]))
         read_didemo(dd, d, "test")
+
+
+def test_text_features_option(tmp_path):
+    np.save(tmp_path / "test_ims.npy", np.zeros((2, 3, 8), np.float32))
+    (tmp_path / "test_caps.txt").write_text("a dog\na cat on a mat\n")
+    d = read_precomp(tmp_path, "test", text_features=True)
+    assert d.text_local.shape[0] == 2 and d.text_global.shape == (2, 384) and d.text_mask.sum(1).tolist() == [4, 7]
