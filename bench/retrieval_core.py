@@ -80,10 +80,10 @@ def memprobe(probe: str, args: list[str]) -> int:
 
 
 def timed(fns: dict, repeats: int) -> dict:
-    "Alternate the contenders `repeats` times; return {name: [seconds, ...]}."
+    "Alternate the contenders `repeats` times (order reversed every other round, so a drifting machine load\n    favours nobody); return {name: [seconds, ...]}."
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    for r in range(repeats):
+        for k, f in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
             t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
     return times
 
@@ -165,8 +165,9 @@ def bench_set_search(m, K, d, nq, k, n_centers, nlist, settings, repeats):
     for element_k, nprobe in settings:
         if "idx" not in built:
             t0 = time.perf_counter()
-            built["idx"] = SetEmbeddingIndex(d, SetIndexConfig(element=IndexConfig(backend="ivf", nlist=nlist),
-                                                                element_k=element_k)).add(sets)
+            built["idx"] = SetEmbeddingIndex(d, SetIndexConfig(
+                element=IndexConfig(backend="ivf", nlist=nlist, train_size=min(m * K, 40 * nlist)),
+                element_k=element_k)).add(sets)
             built["seconds"] = time.perf_counter() - t0
         idx = built["idx"]
         idx.config = idx.config.replace(element_k=element_k)
@@ -306,8 +307,8 @@ def main():
         m = 5_000 if q else 100_000
         l0 = load()
         res["set_search"] = bench_set_search(
-            m, 4, 256, 100 if q else 500, 10, n_centers=m * 4 // 40, nlist=128 if q else 1024,
-            settings=[(32, 8), (64, 8), (32, 16), (64, 16), (32, 32), (64, 32), (64, 64)] if not q else [(32, 8), (64, 8)],
+            m, 4, 256, 100 if q else 500, 10, n_centers=m * 4 // 40, nlist=256 if q else 4096,
+            settings=[(32, 8), (48, 8), (64, 8), (64, 16), (64, 32)] if not q else [(32, 8), (64, 8)],
             repeats=2 if q else 3)
         res["set_search"]["load_before"], res["set_search"]["load_after"] = l0, load()
     if "sc" in parts:
