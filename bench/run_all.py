@@ -1,6 +1,7 @@
 """Run every benchmark in bench/ (each writes bench/results/<name>.json; the docs pages read those files).
 
-Usage: python bench/run_all.py [--quick] [--only retrieval_core,training,...]
+Usage: python bench/run_all.py [--only retrieval_core,training,...]
+(each script also has a --quick smoke test; run it by hand, it writes its JSON like a real run)
 Benchmarks time things side by side in one process and report medians: run them on an otherwise idle machine.
 """
 from __future__ import annotations
@@ -12,17 +13,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = {  # name -> extra arguments for --quick (a smoke test of the script in about a minute)
-    "retrieval_core": ["--quick"],
-    "data_build": ["--skip-full"],
-    "training": ["--quick"],
-    "dive": ["--quick"],
-}
+BENCHES = ("retrieval_core", "data_build", "training", "dive")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="smoke-test sizes (results are not representative)")
     ap.add_argument("--only", default="", help=f"comma list from {','.join(BENCHES)}")
     args = ap.parse_args()
     only = [b for b in args.only.split(",") if b]
@@ -30,10 +25,10 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown benchmarks {unknown}; choose from {list(BENCHES)}")
     failed = []
-    for name, quick_args in BENCHES.items():
+    for name in BENCHES:
         if only and name not in only:
             continue
-        cmd = [sys.executable, str(HERE / f"{name}.py"), *(quick_args if args.quick else [])]
+        cmd = [sys.executable, str(HERE / f"{name}.py")]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         if subprocess.run(cmd).returncode:
