@@ -26,7 +26,7 @@ def synthetic(split, n, caps=2, dv=24, dt=16, L=4, Lt=3):
                          text_local=tl, text_mask=torch.ones(n * caps, Lt, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("loss", ["triplet", pytest.param("infonce", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("loss", ["triplet", "infonce"])
 def test_ddp_two_processes_match_single_process(tmp_path, loss):
     data = tmp_path / "data"
     for split, n in (("train", 64), ("val", 16), ("test", 16)): save_data(synthetic(split, n), data / f"{split}.safetensors")
