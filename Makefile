@@ -61,7 +61,8 @@ pytest: $(STAMP) system-deps
 # The gate CI runs. pytest last, so its summary line closes the run.
 test: $(STAMP) system-deps
 	$(BIN)/python tools/check_sync.py
-	$(BIN)/nbdev_test --n_workers 2
+	# one thread per notebook worker: two workers on two cores, no oversubscription
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
 	$(BIN)/python -m pytest -q tests
 
 # the slow notebook cells and tests, skipped by `make test`
