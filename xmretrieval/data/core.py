@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..core import DataError, ShapeError, atomic_path, check_tensor
+from ..core import DataError, ShapeError, atomic_path, check_mask, check_tensor
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'BENCHMARKS', 'BENCHMARK_MODULES', 'RetrievalData', 'config_digest', 'save_data', 'read_manifest',
@@ -27,13 +27,6 @@ __all__ = ['FORMAT_VERSION', 'BENCHMARKS', 'BENCHMARK_MODULES', 'RetrievalData',
            'load_benchmark']
 
 # %% ../../nbs/04_data.core.ipynb #3d362deb
-def _check_mask(m, name: str, n: int, L: int) -> Tensor:
-    check_tensor(m, name, ndim=2, dims={0: n, 1: L})
-    if m.dtype != torch.bool: raise ShapeError(f"`{name}` must be a bool tensor (True = valid), got {m.dtype}")
-    if m.numel() and not bool(m.any(1).all()):
-        raise ShapeError(f"`{name}` has {int((~m.any(1)).sum())} rows with no valid position (shape {tuple(m.shape)})")
-    return m
-
 @dataclass
 class RetrievalData:
     "One split of one dataset with precomputed visual and text features; validated on construction."
@@ -62,7 +55,7 @@ class RetrievalData:
         d = self.visual_global.shape[1]
         check_tensor(self.visual_local, p + "visual_local", ndim=3, dims={0: n, 2: d})
         if self.visual_mask is not None:
-            _check_mask(self.visual_mask, p + "visual_mask", n, self.visual_local.shape[1])
+            check_mask(self.visual_mask, p + "visual_mask", (n, self.visual_local.shape[1]))
         if not isinstance(self.captions, list) or not all(isinstance(c, str) for c in self.captions):
             raise DataError(f"`{p}captions` must be a list of str")
         m = len(self.captions)
@@ -79,7 +72,7 @@ class RetrievalData:
             if self.text_global is not None and self.text_global.shape[1] != self.text_local.shape[2]:
                 raise ShapeError(f"`{p}text_global` {tuple(self.text_global.shape)} and `{p}text_local` "
                                  f"{tuple(self.text_local.shape)} must share the feature size")
-            _check_mask(self.text_mask, p + "text_mask", m, self.text_local.shape[1])
+            check_mask(self.text_mask, p + "text_mask", (m, self.text_local.shape[1]))
 
     @property
     def n_visual(self) -> int: return len(self.visual_ids)
