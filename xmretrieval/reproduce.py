@@ -17,7 +17,7 @@ from fastcore.script import Param, call_parse
 from tqdm.auto import tqdm
 
 from .core import ConfigError, atomic_path
-from .data.core import BENCHMARK_MODULES, get_benchmark, load_benchmark
+from .data.core import BENCHMARKS, get_benchmark, load_benchmark
 from .metrics import markdown_table
 from .registry import Registry
 
@@ -45,7 +45,7 @@ def build_benchmarks(mode: str = "full",                  # "full" builds the fu
     if mode not in MODES: raise ConfigError(f"`mode` must be one of {MODES}, got {mode!r}")
     preset = "full" if mode == "full" else "tiny"
     rows = []
-    names = names or list(BENCHMARK_MODULES)
+    names = names or BENCHMARKS.names()
     for name in tqdm(names, desc=f"benchmarks ({preset})"):
         for split in get_benchmark(name).splits:
             t0 = time.perf_counter()

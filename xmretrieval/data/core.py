@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,11 +19,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..core import DataError, ShapeError, atomic_path, check_mask, check_tensor
+from ..registry import Registry
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'BENCHMARKS', 'BENCHMARK_MODULES', 'RetrievalData', 'config_digest', 'save_data', 'read_manifest',
-           'load_data', 'Benchmark', 'register_benchmark', 'default_cache_dir', 'get_benchmark', 'benchmark_path',
-           'load_benchmark']
+__all__ = ['FORMAT_VERSION', 'BENCHMARKS', 'RetrievalData', 'config_digest', 'save_data', 'read_manifest', 'load_data',
+           'Benchmark', 'register_benchmark', 'default_cache_dir', 'get_benchmark', 'benchmark_path', 'load_benchmark']
 
 # %% ../../nbs/04_data.core.ipynb #3d362deb
 @dataclass
@@ -186,15 +185,12 @@ class Benchmark:
     build: Callable[[str, str], RetrievalData]
     splits: tuple[str, ...] = ("train", "val", "test")
 
-BENCHMARKS: dict[str, Benchmark] = {}
-# modules that register the built-in benchmarks, imported on first use
-BENCHMARK_MODULES = {"emoji-objects": "xmretrieval.data.emoji", "emoji-scenes": "xmretrieval.data.emoji",
-                     "emoji-video": "xmretrieval.data.emoji"}
+BENCHMARKS = Registry("benchmark", package="xmretrieval.data", error=DataError)
+"Every benchmark by name; the modules of `xmretrieval.data` (e.g. `data.emoji`) register theirs when imported."
 
 def register_benchmark(b: Benchmark) -> Benchmark:
     "Add `b` to `BENCHMARKS` (replacing one of the same name)."
-    BENCHMARKS[b.name] = b
-    return b
+    return BENCHMARKS.register(b.name)(b)
 
 def default_cache_dir() -> Path:
     "The cache folder: `$XMR_CACHE`, or `~/.cache/xmretrieval`."
@@ -202,9 +198,6 @@ def default_cache_dir() -> Path:
 
 def get_benchmark(name: str) -> Benchmark:
     "The registered benchmark `name` (importing the module that defines it if needed)."
-    if name not in BENCHMARKS and name in BENCHMARK_MODULES: importlib.import_module(BENCHMARK_MODULES[name])
-    if name not in BENCHMARKS:
-        raise DataError(f"unknown benchmark {name!r}; known: {sorted(set(BENCHMARKS) | set(BENCHMARK_MODULES))}")
     return BENCHMARKS[name]
 
 def benchmark_path(name: str, preset: str, split: str, cache_dir: str | os.PathLike | None = None) -> Path:
