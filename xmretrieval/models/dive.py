@@ -13,18 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Config, ConfigError, ShapeError, check_tensor
+from ..core import Config, ConfigError, ShapeError, check_mask, check_tensor
+from ..encoders import masked_max, masked_mean
 from ..losses import triplet_from_sims
 from .base import RetrievalModel, gather_embeddings, register_model
-from ..similarity import SET_SIMILARITIES
+from ..similarity import SET_SIMILARITIES, SET_SIMILARITY_NAMES, mp_similarity
 
 # %% auto #0
-__all__ = ['ATTENTION_MODES', 'SIMILARITY_NAMES', 'ARCHS', 'SIMILARITY_LABELS', 'ARCH_LABELS', 'METRIC_KEYS', 'PUBLISHED',
-           'attention_weights', 'CrossAttention', 'FeedForward', 'check_mask', 'AggregationBlock', 'sine_positions',
-           'SetPredictionModule', 'PIENet', 'mp_similarity', 'SetSimilarity', 'mmd_loss', 'uniformity_loss',
-           'DiveLossConfig', 'dive_loss', 'set_log_variance', 'DiveConfig', 'drop_inputs', 'DivE', 'dive_config',
-           'ablation_variants', 'chance_metrics', 'set_statistics', 'nearest_captions', 'plot_set_tsne',
-           'plot_slot_attention', 'run_dive_reproduction', 'dive_markdown']
+__all__ = ['ATTENTION_MODES', 'ARCHS', 'attention_weights', 'CrossAttention', 'FeedForward', 'AggregationBlock', 'sine_positions',
+           'SetPredictionModule', 'PIENet', 'SetSimilarity', 'mmd_loss', 'uniformity_loss', 'DiveLossConfig',
+           'dive_loss', 'set_log_variance', 'DiveConfig', 'drop_inputs', 'DivE']
 
 # %% ../../nbs/11_models.dive.ipynb #24dbda79
 ATTENTION_MODES = ("slot", "transformer")
@@ -87,17 +85,6 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(dim, mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * dim, dim))
 
 # %% ../../nbs/11_models.dive.ipynb #4ec6c485
-def check_mask(mask: Tensor | None, name: str, shape: tuple[int, int]) -> Tensor | None:
-    "Validate a (B, L) bool mask of valid inputs; every sample needs at least one valid input."
-    if mask is None: return None
-    check_tensor(mask, name, ndim=2)
-    if tuple(mask.shape) != tuple(shape):
-        raise ShapeError(f"`{name}` must have shape {tuple(shape)} (batch, inputs), got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool: raise ShapeError(f"`{name}` must be a bool tensor (True = valid), got {mask.dtype}")
-    if not bool(mask.any(dim=1).all()):
-        raise ShapeError(f"`{name}` has samples without any valid input (rows {mask.any(1).logical_not().nonzero().flatten().tolist()[:5]})")
-    return mask
-
 class AggregationBlock(nn.Module):
     "K learned slots aggregate the inputs through one shared pre-norm attention block applied `depth` times."
     def __init__(self, num_slots: int = 4,        # K, size of the embedding set
@@ -201,35 +188,13 @@ class PIENet(nn.Module):
         return F.normalize(out, dim=-1), residual, attn[:, None]
 
 # %% ../../nbs/11_models.dive.ipynb #facb84d1
-SIMILARITY_NAMES = ("smooth_chamfer", "chamfer", "max_sim", "mean_sim", "mp")
-
-def _valid(x_mask, n, k, device):
-    return torch.ones(n, k, dtype=torch.bool, device=device) if x_mask is None else x_mask
-
-def mp_similarity(x: Tensor,                 # set of unit vectors, (n, kx, d)
-                  y: Tensor,                 # set of unit vectors, (m, ky, d)
-                  a: Tensor, b: Tensor,      # scale and shift of the sigmoid (scalars)
-                  x_mask: Tensor | None = None, y_mask: Tensor | None = None,  # (n, kx) / (m, ky) bool
-                  chunk_size: int = 1024,    # rows of x per chunk
-                 ) -> Tensor:                # (n, m)
-    "Match-probability similarity: mean over valid pairs of sigmoid(a * <x_i, y_j> + b)."
-    check_tensor(x, "x", ndim=3); check_tensor(y, "y", ndim=3, dims={2: x.shape[2]})
-    xm = _valid(x_mask, *x.shape[:2], x.device).to(x.dtype)
-    ym = _valid(y_mask, *y.shape[:2], y.device).to(y.dtype)
-    out = []
-    for s in range(0, x.shape[0], chunk_size):
-        cos = torch.einsum("nid,mjd->nmij", x[s:s + chunk_size], y)
-        w = xm[s:s + chunk_size, None, :, None] * ym[None, :, None, :]
-        out.append((torch.sigmoid(a * cos + b) * w).sum((-1, -2)) / w.sum((-1, -2)))
-    return torch.cat(out)
-
 class SetSimilarity(nn.Module):
     "A set-to-set similarity by name; `mp` carries its learnable sigmoid parameters."
-    def __init__(self, name: str = "smooth_chamfer",  # one of SIMILARITY_NAMES
+    def __init__(self, name: str = "smooth_chamfer",  # one of SET_SIMILARITY_NAMES
                  alpha: float = 16.0,                  # Smooth-Chamfer temperature
                  chunk_size: int = 256):               # rows of the first set per chunk (evaluation)
         super().__init__()
-        if name not in SIMILARITY_NAMES: raise ConfigError(f"similarity must be one of {SIMILARITY_NAMES}, got {name!r}")
+        if name not in SET_SIMILARITY_NAMES: raise ConfigError(f"similarity must be one of {SET_SIMILARITY_NAMES}, got {name!r}")
         self.name, self.alpha, self.chunk_size = name, alpha, chunk_size
         if name == "mp": self.a, self.b = nn.Parameter(torch.ones(())), nn.Parameter(torch.zeros(()))
 
@@ -315,7 +280,7 @@ class DiveConfig(Config):
     faithful_padding: bool = False    # reproduce the official code's padding leak
     text_pos_encoding: str = "sine"   # key positional encoding of the text SPM
     visual_pos_encoding: str = "none" # key positional encoding of the visual SPM
-    similarity: str = "smooth_chamfer"  # one of SIMILARITY_NAMES
+    similarity: str = "smooth_chamfer"  # one of SET_SIMILARITY_NAMES
     alpha: float = 16.0               # Smooth-Chamfer temperature
     loss: DiveLossConfig = dataclasses.field(default_factory=DiveLossConfig)
     token_drop: float = 0.2           # training-time drop probability of each token feature
@@ -324,8 +289,8 @@ class DiveConfig(Config):
 
     def __post_init__(self):
         if self.arch not in ARCHS: raise ConfigError(f"DiveConfig.arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.similarity not in SIMILARITY_NAMES:
-            raise ConfigError(f"DiveConfig.similarity must be one of {SIMILARITY_NAMES}, got {self.similarity!r}")
+        if self.similarity not in SET_SIMILARITY_NAMES:
+            raise ConfigError(f"DiveConfig.similarity must be one of {SET_SIMILARITY_NAMES}, got {self.similarity!r}")
         if not (0 <= self.token_drop < 1 and 0 <= self.region_drop < 1):
             raise ConfigError(f"token_drop and region_drop must be in [0, 1), got {self.token_drop}, {self.region_drop}")
 
@@ -375,7 +340,7 @@ class DivE(RetrievalModel):
         check_mask(mask, "visual_mask", local.shape[:2])
         if self.training: mask = drop_inputs(mask, self.config.region_drop)
         x = self.visual_proj(local)
-        return self.visual_spm(x, _masked_max(x, mask), mask)
+        return self.visual_spm(x, masked_max(x, mask), mask)
 
     def encode_text_set(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         "Text sets (B_t, K, D), residual slots (B_t, K, D) and attention over the tokens (B_t, heads, K, Lt)."
@@ -386,7 +351,7 @@ class DivE(RetrievalModel):
         if mask is None: mask = torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)
         check_mask(mask, "text_mask", local.shape[:2])
         glob = batch.get("text_global")
-        if glob is None: glob = (local * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        if glob is None: glob = masked_mean(local, mask)
         if self.training: mask = drop_inputs(mask, self.config.token_drop)
         return self.text_spm(local, self.text_proj(glob), mask)
 
@@ -419,253 +384,3 @@ class DivE(RetrievalModel):
             tp, vp, t2v = gather_embeddings(torch.cat([t, tr], -1), torch.cat([v, vr], -1), t2v)
             t, tr, v, vr = tp[..., :D], tp[..., D:], vp[..., :D], vp[..., D:]
         return self.compute_loss(t, v, t2v, tr, vr)
-
-# %% ../../nbs/11_models.dive.ipynb #808c35a0
-SIMILARITY_LABELS = {"max_sim": "MIL (max)", "mp": "MP", "chamfer": "Chamfer", "smooth_chamfer": "Smooth-Chamfer"}
-ARCH_LABELS = {"pienet": "PIE-Net", "slot_mp": "DivE with MP", "transformer": "Transformer attention",
-               "slot": "Slot attention (DivE)"}
-METRIC_KEYS = ("v2t/R@1", "v2t/R@5", "v2t/R@10", "t2v/R@1", "t2v/R@5", "t2v/R@10", "RSUM")
-
-# copied from the paper (seed 002): COCO, Faster R-CNN + Bi-GRU; image-to-text = v2t, text-to-image = t2v
-PUBLISHED = {
-    "source": "Kim, Kim & Kwak, CVPR 2023 (seed 002), COCO, Faster R-CNN + Bi-GRU features",
-    "main_coco_1k": {"VSE∞": dict(zip(METRIC_KEYS, (78.5, 96.0, 98.7, 61.7, 90.3, 95.6, 520.8))),
-                     "DivE": dict(zip(METRIC_KEYS, (79.8, 96.2, 98.6, 63.6, 90.7, 95.7, 524.6)))},
-    "main_coco_5k": {"VSE∞": dict(zip(METRIC_KEYS, (56.6, 83.6, 91.4, 39.3, 69.9, 81.1, 421.9))),
-                     "DivE": dict(zip(METRIC_KEYS, (58.8, 84.9, 91.5, 41.1, 72.0, 82.4, 430.7)))},
-    "similarity_rsum": {"max_sim": 491.7, "mp": 490.5, "chamfer": 499.6, "smooth_chamfer": 500.8},
-    "architecture": {"pienet": {"log_var": -7.35, "RSUM": 483.3}, "slot_mp": {"log_var": -5.27, "RSUM": 490.5},
-                     "transformer": {"log_var": -2.27, "RSUM": 496.1}, "slot": {"log_var": -2.13, "RSUM": 500.8}},
-}
-
-def dive_config(mode: str = "full",                  # "quick" (preset dive_tiny) or "full" (dive_emoji_*)
-                benchmark: str = "emoji-scenes",     # "emoji-scenes" or "emoji-objects"
-                **model_changes,                     # DiveConfig overrides, e.g. similarity="chamfer"
-               ):
-    "The TrainConfig of one DivE run of the reproduction."
-    from xmretrieval.train import load_config
-    presets = {"emoji-scenes": "dive_emoji_scenes", "emoji-objects": "dive_emoji_objects"}
-    if benchmark not in presets: raise ConfigError(f"`benchmark` must be one of {list(presets)}, got {benchmark!r}")
-    if mode == "quick":
-        cfg = load_config("dive_tiny")
-        cfg = cfg.replace(data=cfg.data.replace(benchmark=benchmark))
-    elif mode == "full": cfg = load_config(presets[benchmark])
-    else: raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
-    if model_changes:
-        DiveConfig.from_dict({**cfg.model_config, **model_changes})     # validate early
-        cfg = cfg.replace(model_config={**cfg.model_config, **model_changes})
-    return cfg
-
-def ablation_variants(mode: str = "full") -> dict[str, dict]:
-    "Name -> DiveConfig changes of every ablation run (besides the default DivE of the main table)."
-    alphas = (1.0, 4.0, 64.0) if mode == "full" else ()      # quick mode: no sweep (time)
-    v = {f"sim_{s}": dict(similarity=s) for s in ("max_sim", "mp", "chamfer")}
-    v.update({f"alpha_{a:g}": dict(alpha=a) for a in alphas})
-    v.update({"arch_pienet": dict(arch="pienet"), "arch_transformer": dict(arch="transformer")})
-    return v
-
-# %% ../../nbs/11_models.dive.ipynb #8b275584
-def chance_metrics(text_to_visual: Tensor,  # (n_text,) item of each caption
-                   n_visual: int | None = None,
-                  ) -> dict[str, float]:
-    "Expected R@1/5/10 (percent, both directions) and RSUM of a uniformly random ranking."
-    n_v = n_visual or int(text_to_visual.max()) + 1
-    n_t = len(text_to_visual)
-    counts = torch.bincount(text_to_visual, minlength=n_v).tolist()
-    out = {}
-    for k in (1, 5, 10):
-        out[f"t2v/R@{k}"] = 100 * min(k, n_v) / n_v
-        miss = [math.prod((n_t - c - i) / (n_t - i) for i in range(min(k, n_t))) if n_t - c >= k else 0.0 for c in counts]
-        out[f"v2t/R@{k}"] = 100 * (1 - sum(miss) / n_v)
-    out["RSUM"] = sum(out[f"{d}/R@{k}"] for d in ("t2v", "v2t") for k in (1, 5, 10))
-    return out
-
-# %% ../../nbs/11_models.dive.ipynb #8b5db734
-def _run_dir_model(run_dir):
-    "The best (else last) checkpoint of a finished run, rebuilt in eval mode."
-    from pathlib import Path
-    from xmretrieval.train import load_checkpoint
-    run_dir = Path(run_dir)
-    path = run_dir / "best.safetensors"
-    if not path.exists(): path = run_dir / "last.safetensors"
-    return load_checkpoint(path)[0]
-
-@torch.no_grad()
-def set_statistics(model: DivE, data, batch_size: int = 256) -> dict:
-    "Log-variance of the visual and the text sets of `model` on a split (the paper's set-collapse measure)."
-    t, v = model.embed(data, batch_size=batch_size)
-    return {"log_var_visual": set_log_variance(v), "log_var_text": set_log_variance(t)}
-
-def _table(rows: dict[str, dict], keys=METRIC_KEYS, digits: int = 1) -> str:
-    "Markdown table; values are numbers, (mean, std) pairs or strings."
-    fmt = lambda x: (f"{x[0]:.{digits}f} ± {x[1]:.{digits}f}" if isinstance(x, (list, tuple)) else
-                     f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x))
-    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    lines += [f"| {name} | " + " | ".join(fmt(r[k]) if k in r else "" for k in keys) + " |" for name, r in rows.items()]
-    return "\n".join(lines)
-
-# %% ../../nbs/11_models.dive.ipynb #e9a129de
-@torch.no_grad()
-def nearest_captions(model: DivE, data, items: list[int]) -> list[dict]:
-    "For each set element of the visual items `items`, the test caption whose set holds the closest element."
-    from xmretrieval.models.base import visual_batch
-    t, _ = model.embed(data)
-    v = model.eval().encode_visual(visual_batch(data, items)).float()          # (n, K, D)
-    out = []
-    for r, i in enumerate(items):
-        for k in range(v.shape[1]):
-            s = torch.einsum("d,tld->tl", v[r, k], t).amax(1)                   # best element of every caption
-            j = int(s.argmax())
-            out.append({"item": int(i), "element": k, "caption": data.captions[j], "cosine": float(s[j]),
-                        "own_caption": bool(int(data.text_to_visual[j]) == int(i))})
-    return out
-
-@torch.no_grad()
-def plot_set_tsne(model: DivE, data, n_items: int = 10, seed: int = 0):
-    "t-SNE of the visual set elements of `n_items` test items and the set elements of their captions."
-    import matplotlib.pyplot as plt
-    from sklearn.manifold import TSNE
-    t, v = model.embed(data)
-    items = list(range(min(n_items, data.n_visual)))
-    caps = [j for j in range(data.n_text) if int(data.text_to_visual[j]) in items]
-    K, D = v.shape[1], v.shape[2]
-    X = torch.cat([v[items].reshape(-1, D), t[caps].reshape(-1, D)]).numpy()
-    Y = TSNE(2, perplexity=min(30.0, (len(X) - 1) / 3), init="pca", random_state=seed).fit_transform(X)
-    nv = len(items) * K
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    cmap = plt.get_cmap("tab20")
-    for n, i in enumerate(items):
-        ax.scatter(*Y[n * K:(n + 1) * K].T, color=cmap(n % 20), marker="o", s=60, edgecolor="k", linewidth=0.5)
-        for k in range(K): ax.annotate(str(k), Y[n * K + k], fontsize=6, ha="center", va="center")
-    for m, j in enumerate(caps):
-        n = items.index(int(data.text_to_visual[j]))
-        ax.scatter(*Y[nv + m * K:nv + (m + 1) * K].T, color=cmap(n % 20), marker="x", s=14, alpha=0.7)
-    ax.set_title(f"t-SNE of set elements: {len(items)} test images (o, numbered by slot) and their captions (x)", fontsize=8)
-    ax.set_xticks([]); ax.set_yticks([])
-    fig.tight_layout()
-    return fig
-
-@torch.no_grad()
-def plot_slot_attention(model: DivE, data, items: list[int], images: list):
-    "Each slot's attention (mean over heads, last block) over the grid cells of the visual items `items`."
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from xmretrieval.models.base import visual_batch
-    _, _, attn = model.eval().encode_visual_set(visual_batch(data, items))    # (B, heads, K, L)
-    a = attn.float().mean(1)
-    L = a.shape[-1]; side = int(round(L ** 0.5))
-    if side * side != L: raise ShapeError(f"attention maps need a square grid of cells, got L={L}")
-    K = a.shape[1]
-    fig, axes = plt.subplots(len(items), K + 1, figsize=(1.6 * (K + 1), 1.6 * len(items)), squeeze=False)
-    for r, img in enumerate(images):
-        img = np.asarray(img.convert("RGB"))
-        axes[r, 0].imshow(img); axes[r, 0].set_title("scene" if r == 0 else "", fontsize=7)
-        for k in range(K):
-            ax = axes[r, k + 1]
-            ax.imshow(img, alpha=0.55)
-            ax.imshow(a[r, k].reshape(side, side).numpy(), cmap="magma", alpha=0.6, interpolation="bilinear",
-                      extent=(0, img.shape[1], img.shape[0], 0))
-            if r == 0: ax.set_title(f"slot {k}", fontsize=7)
-    for ax in axes.flat: ax.set_xticks([]); ax.set_yticks([])
-    fig.tight_layout()
-    return fig
-
-# %% ../../nbs/11_models.dive.ipynb #e803e178
-def _save_fig(fig, path):
-    import matplotlib.pyplot as plt
-    from xmretrieval.core import atomic_path
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny preset, seconds) or "full" (make reproduce)
-                          out_dir="results",                # writes out_dir/dive.{json,md} and out_dir/dive/...
-                          seeds: list[int] | None = None,   # default [0, 1] (quick) or [0, 1, 2] (full)
-                          benchmark: str = "emoji-scenes",
-                          n_figure_items: int | None = None,  # images in the t-SNE (default 8 quick, 16 full)
-                         ) -> dict:
-    "Train and evaluate the DivE reproduction (main table, ablations, figures); return the summary dict."
-    import json, os, platform, time
-    from pathlib import Path
-    from xmretrieval.core import atomic_path
-    from xmretrieval.data.emoji import render_item
-    from xmretrieval.models.biencoder import baseline_config
-    from xmretrieval.train import evaluate, load_split, train_seeds
-    if mode not in ("quick", "full"): raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
-    seeds = list(seeds or ([0, 1] if mode == "quick" else [0, 1, 2]))
-    out_dir = Path(out_dir); root = out_dir / "dive"; s0 = seeds[0]
-    rel = lambda p: str(Path(p).relative_to(out_dir))
-    t0 = time.perf_counter()
-    # 1. main table
-    base = train_seeds(baseline_config(benchmark, "triplet", mode), seeds, root / "main" / "biencoder", resume=True)
-    dcfg = dive_config(mode, benchmark)
-    dive = train_seeds(dcfg, seeds, root / "main" / "dive", resume=True)
-    main = {"Bi-encoder (VSE++)": {"mean_std": base["mean_std"], "runs": base["runs"], "config": rel(root / "main/biencoder/config.json"),
-                                   "pairs_per_s": base["pairs_per_s"], "train_time_s": base["train_time_s"]},
-            "DivE": {"mean_std": dive["mean_std"], "runs": dive["runs"], "config": rel(root / "main/dive/config.json"),
-                     "pairs_per_s": dive["pairs_per_s"], "train_time_s": dive["train_time_s"]}}
-    # 2./3. ablations (first seed); the default DivE is the main run with that seed
-    runs = {"default": {"changes": {}, "metrics": dive["runs"][0], "dir": root / "main" / "dive" / f"seed{s0}",
-                        "config": rel(root / "main/dive/config.json")}}
-    for name, changes in ablation_variants(mode).items():
-        r = train_seeds(dive_config(mode, benchmark, **changes), [s0], root / "ablation" / name, resume=True)
-        runs[name] = {"changes": changes, "metrics": r["runs"][0], "dir": root / "ablation" / name / f"seed{s0}",
-                      "config": rel(root / "ablation" / name / "config.json")}
-    test = load_split(dcfg.data, "test")
-    similarity = {s: runs["default" if s == "smooth_chamfer" else f"sim_{s}"]["metrics"] for s in SIMILARITY_LABELS}
-    alpha_runs = {float(c["changes"]["alpha"]): c["metrics"] for n, c in runs.items() if n.startswith("alpha_")}
-    alpha_runs[float(dcfg.model_config["alpha"])] = runs["default"]["metrics"]
-    arch_runs = {"pienet": "arch_pienet", "slot_mp": "sim_mp", "transformer": "arch_transformer", "slot": "default"}
-    architecture = {a: {"RSUM": runs[n]["metrics"]["RSUM"], **set_statistics(_run_dir_model(runs[n]["dir"]), test)}
-                    for a, n in arch_runs.items()}
-    # 4. figures from the main DivE model (first seed)
-    model = _run_dir_model(runs["default"]["dir"])
-    fit = evaluate(model, load_split(dcfg.data, "train"))     # how well the training pairs are ranked
-    n_fig = n_figure_items or (8 if mode == "quick" else 16)
-    _save_fig(plot_set_tsne(model, test, n_fig, seed=s0), root / "tsne.png")
-    near = nearest_captions(model, test, [0, 1, 2])
-    att_items = [0, 1, 2, 3]
-    imgs = [render_item(dcfg.data.benchmark, dcfg.data.preset, "test", i) for i in att_items]
-    _save_fig(plot_slot_attention(model, test, att_items, imgs), root / "attention.png")
-    doc = {"mode": mode, "benchmark": benchmark, "preset": dcfg.data.preset, "seeds": seeds, "split": "test",
-           "main": main, "similarity": similarity, "alpha": {f"{a:g}": m for a, m in sorted(alpha_runs.items())},
-           "architecture": architecture, "nearest_captions": near,
-           "chance": chance_metrics(test.text_to_visual, test.n_visual), "train_split_fit": fit,
-           "ablation_configs": {n: r["config"] for n, r in runs.items()},
-           "figures": {"tsne": "dive/tsne.png", "attention": "dive/attention.png"}, "published": PUBLISHED,
-           "wall_time_s": time.perf_counter() - t0,
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (shared machine: timings vary)"}
-    with atomic_path(out_dir / "dive.json") as tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    with atomic_path(out_dir / "dive.md") as tmp: tmp.write_text(dive_markdown(doc))
-    return doc
-
-def dive_markdown(doc: dict) -> str:
-    "The reproduction tables in the paper's layout, ours beside the published numbers."
-    P, mode = doc["published"], doc["mode"]
-    ours = f"ours, {doc['benchmark']} {doc['preset']}, test"
-    md = [f"# DivE reproduction ({mode} mode, {doc['benchmark']} {doc['preset']} preset, test split)", "",
-          f"## Main table (mean ± std over seeds {doc['seeds']})", "",
-          _table({**{f"{k} ({ours})": v["mean_std"] for k, v in doc["main"].items()},
-                  f"random ranking (expected, {doc['benchmark']} {doc['preset']}, test)": doc["chance"],
-                  **{f"{k} (published, COCO 1K)": v for k, v in P["main_coco_1k"].items()},
-                  **{f"{k} (published, COCO 5K)": v for k, v in P["main_coco_5k"].items()}}), "",
-          f"## Similarity ablation (seed {doc['seeds'][0]})", "",
-          _table({SIMILARITY_LABELS[s]: {f"RSUM ({ours})": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"],
-                                         "RSUM (published)": P["similarity_rsum"][s]} for s, m in doc["similarity"].items()},
-                 keys=(f"RSUM ({ours})", "t2v/R@1", "v2t/R@1", "RSUM (published)")), "",
-          "Smooth-Chamfer temperature:", "",
-          _table({f"α = {a}": {"RSUM": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"]} for a, m in doc["alpha"].items()},
-                 keys=("RSUM", "t2v/R@1", "v2t/R@1")), "",
-          "## Architecture ablation (Smooth-Chamfer unless noted; log-variance of the set elements)", "",
-          _table({ARCH_LABELS[a]: {"log Var (image sets)": r["log_var_visual"], "log Var (caption sets)": r["log_var_text"],
-                                   f"RSUM ({ours})": r["RSUM"], "log Var (published)": P["architecture"][a]["log_var"],
-                                   "RSUM (published)": P["architecture"][a]["RSUM"]} for a, r in doc["architecture"].items()},
-                 keys=("log Var (image sets)", "log Var (caption sets)", f"RSUM ({ours})", "log Var (published)", "RSUM (published)"),
-                 digits=2), "",
-          "## Set elements of test images and their nearest captions", "",
-          "| image | slot | nearest caption | cosine | its own caption? |", "|---:|---:|---|---:|---|"]
-    md += [f"| {r['item']} | {r['element']} | {r['caption']} | {r['cosine']:.2f} | {'yes' if r['own_caption'] else 'no'} |"
-           for r in doc["nearest_captions"]]
-    md += ["", f"Published numbers: {P['source']}; copied as published. Configs beside every run under `dive/`. "
-           f"{doc['machine']}; wall time {doc['wall_time_s']:.0f} s.", ""]
-    return "\n".join(md)
