@@ -89,5 +89,5 @@ def test_clear_errors(tmp_path, data):
         with pytest.raises(ShapeError, match=r"\(nq, d\)"): g.search(qry[:, None], 5)
     with pytest.raises(MilvusError, match="already exists"):
         MilvusGallery.create(gal[:100], config=MilvusConfig(uri=str(tmp_path / "e.db")))
-    with MilvusGallery.create(gal[:50], config=MilvusConfig(uri=str(tmp_path / "e.db")), overwrite=True) as g:
+    with MilvusGallery.create(gal[:50], config=MilvusConfig(uri=str(tmp_path / "e.db"), overwrite=True)) as g:
         assert len(g) == 50

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .core import CheckpointError, Config, ConfigError, ShapeError, check_tensor
-from .index import _as_f32, _check_k, _read, _write
+from .index import _as_f32, _check_k, _from_numpy, _like_input, _read, _write
 from .similarity import _auto_chunk, _check_sets, _reduce_smooth_chamfer, candidate_set_similarity, smooth_chamfer
 
 # %% auto #0
@@ -224,9 +224,10 @@ class CertifiedIndex:
     def search(self, queries: Tensor,  # (nq, dim) unit vectors
                k: int = 10,
               ) -> tuple[Tensor, Tensor]:  # scores (nq, k) float32 descending, positions (nq, k) int64
-        "The exact fp32 top-k of every query (the same interface as `EmbeddingIndex.search`)."
+        "The exact fp32 top-k of every query (the same interface as `EmbeddingIndex.search`; numpy in, numpy out)."
+        queries, as_numpy = _from_numpy(queries)
         r = self.search_certified(queries, k)
-        return r.scores, r.indices
+        return _like_input(as_numpy, r.scores, r.indices)
 
     def save(self, path: str | os.PathLike) -> Path:
         "Write the fp32 vectors and the config to one file, atomically (the bf16 copy is rebuilt on load)."

@@ -15,11 +15,13 @@ from fastcore.script import Param, anno_parser, store_true
 import xmretrieval
 from .core import CheckpointError, ConfigError, DataError, XMRError, atomic_path
 from .checkpoint import DataConfig, evaluate, load_checkpoint, load_config, load_split
+from .certified import CertifiedConfig
 from .index import Gallery
+from .milvus import MilvusConfig
 from .train import Trainer, markdown_table, train_seeds
 
 # %% auto #0
-__all__ = ['COMMANDS', 'xmr_train', 'xmr_eval', 'xmr_index', 'xmr_search', 'main']
+__all__ = ['INDEX_BACKENDS', 'COMMANDS', 'xmr_train', 'xmr_eval', 'xmr_index', 'xmr_search', 'main']
 
 # %% ../nbs/09_cli.ipynb #ddb73a2e
 def _data_config(data: str | None, split: str, preset: str | None, base: DataConfig) -> DataConfig:
@@ -69,18 +71,35 @@ def xmr_eval(checkpoint: Param("a checkpoint file (best.safetensors or last.safe
 
 def _meta_path(index_path) -> Path: return Path(f"{index_path}.xmr.json")
 
+INDEX_BACKENDS = ("faiss", "certified", "milvus")
+
 def xmr_index(checkpoint: Param("a checkpoint file", str),
           data: Param("benchmark name or folder of saved splits (default: the checkpoint's data)", str) = None,
           split: Param("split whose visual items are indexed", str) = "test",
           preset: Param("benchmark preset (default: the checkpoint's)", str) = None,
-          out: Param("the index file to write (default: <checkpoint folder>/<split>.index)", str) = None):
+          out: Param("the index file to write (default: <checkpoint folder>/<split>.index)", str) = None,
+          backend: Param("faiss (exact, IndexFlatIP), certified (exact, certified bf16 first pass; single vectors) or milvus", str) = "faiss",
+          milvus_uri: Param("milvus: a Milvus Lite file (default: <out>.milvus.db) or a server URI, e.g. http://host:19530", str) = None,
+          collection: Param("milvus: the collection name (default: <data>_<split>)", str) = None):
     "Embed the visual items of a split with a checkpoint and save them as a searchable index (xmretrieval.index.Gallery)."
+    if backend not in INDEX_BACKENDS: raise ConfigError(f"--backend must be one of {INDEX_BACKENDS}, got {backend!r}")
     out = Path(out or Path(checkpoint).parent / f"{split}.index")
     model, cfg, _ = load_checkpoint(checkpoint)
     d = load_split(_data_config(data, split, preset, cfg.data), split)
     _, v = model.embed(d, batch_size=cfg.eval_batch_size)
-    Gallery(v, d.visual_ids).save(out)
-    meta = {"xmr_version": xmretrieval.__version__, "checkpoint": str(Path(checkpoint).resolve()), "data": d.name, "split": split}
+    config, metadata = None, None
+    if backend == "certified":
+        if v.ndim != 2: raise ConfigError("--backend certified indexes single vectors; this model embeds sets: use faiss or milvus")
+        config = CertifiedConfig(shortlist=min(64, max(10, len(v) - 1)))
+    elif backend == "milvus":
+        config = MilvusConfig(uri=milvus_uri or f"{out}.milvus.db", overwrite=True,
+                              collection=collection or "".join(ch if ch.isalnum() else "_" for ch in f"{d.name}_{split}"))
+        caps = [[] for _ in range(d.n_visual)]
+        for c, j in zip(d.captions, d.text_to_visual.tolist()): caps[j].append(c)
+        metadata = [{"captions": cs} for cs in caps]
+    Gallery(v, d.visual_ids, config=config, metadata=metadata).save(out)
+    meta = {"xmr_version": xmretrieval.__version__, "checkpoint": str(Path(checkpoint).resolve()), "data": d.name,
+            "split": split, "backend": backend}
     with atomic_path(_meta_path(out)) as tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"indexed {d.n_visual} items of {d.name}/{split} -> {out}")
     return out

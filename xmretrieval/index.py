@@ -377,13 +377,23 @@ class SearchResult:
 
     def __len__(self) -> int: return len(self.indices)
 
+def _backend_classes():
+    "The config type -> index class table (imported late: the certified and Milvus modules build on this one)."
+    from xmretrieval.certified import CertifiedConfig, CertifiedIndex
+    from xmretrieval.milvus import MilvusConfig, MilvusGallery
+    return CertifiedConfig, CertifiedIndex, MilvusConfig, MilvusGallery
+
 class Gallery:
-    "Encoded gallery items with their ids, indexed for `search`."
+    """Encoded gallery items with their ids, indexed for `search`. The config's type picks the backend: `IndexConfig`
+    (faiss: exact `flat`, `ivf`, `hnsw`), `SetIndexConfig` (sets: faiss first stage + exact rescoring),
+    `CertifiedConfig` (exact search from a certified bf16 first pass, `xmretrieval.certified`) or `MilvusConfig`
+    (vectors or sets stored and searched in Milvus / Milvus Lite, `xmretrieval.milvus`)."""
     def __init__(self,
                  embeddings: Tensor,             # (m, d) unit vectors or (m, K, d) sets of unit vectors (torch or numpy)
                  ids: list[str] | None = None,   # one id per item (default "0", "1", ...)
-                 config: IndexConfig | SetIndexConfig | None = None,  # IndexConfig for vectors, SetIndexConfig for sets
+                 config: IndexConfig | SetIndexConfig | None = None,  # IndexConfig/CertifiedConfig for vectors, SetIndexConfig for sets, MilvusConfig for either
                  mask: Tensor | None = None,     # (m, K) bool for sets of unequal size
+                 metadata: list[dict] | None = None,  # one JSON dict per item (captions, ...): stored by the Milvus backend
                 ):
         (embeddings, _), (mask, _) = _from_numpy(embeddings), _from_numpy(mask)
         if not isinstance(embeddings, Tensor) or embeddings.ndim not in (2, 3):
@@ -392,19 +402,25 @@ class Gallery:
         self.ids = [str(i) for i in range(len(embeddings))] if ids is None else [str(i) for i in ids]
         if len(self.ids) != len(embeddings):
             raise ShapeError(f"`ids` has {len(self.ids)} entries but `embeddings` has {len(embeddings)} items")
+        CertifiedConfig, CertifiedIndex, MilvusConfig, MilvusGallery = _backend_classes()
+        if isinstance(config, MilvusConfig):
+            self.index = MilvusGallery.create(embeddings, self.ids, metadata, config, mask)
+            return
+        if metadata is not None: raise ConfigError("`metadata` is stored by the Milvus backend only (config=MilvusConfig(...))")
         if embeddings.ndim == 2:
-            if config is not None and not isinstance(config, IndexConfig):
-                raise ConfigError(f"single-vector galleries take an IndexConfig, got {type(config).__name__}")
+            if config is not None and not isinstance(config, (IndexConfig, CertifiedConfig)):
+                raise ConfigError(f"single-vector galleries take an IndexConfig, CertifiedConfig or MilvusConfig, got {type(config).__name__}")
             if mask is not None: raise ShapeError("`mask` applies to set galleries (m, K, d) only")
-            self.index = EmbeddingIndex(embeddings.shape[1], config).add(embeddings)
+            cls = CertifiedIndex if isinstance(config, CertifiedConfig) else EmbeddingIndex
+            self.index = cls(embeddings.shape[1], config).add(embeddings)
         else:
             if config is not None and not isinstance(config, SetIndexConfig):
-                raise ConfigError(f"set galleries take a SetIndexConfig, got {type(config).__name__}")
+                raise ConfigError(f"set galleries take a SetIndexConfig or MilvusConfig, got {type(config).__name__}")
             self.index = SetEmbeddingIndex(embeddings.shape[2], config).add(embeddings, mask)
 
     @property
-    def is_set(self) -> bool: return isinstance(self.index, SetEmbeddingIndex)
-    def __len__(self) -> int: return len(self.ids)
+    def is_set(self) -> bool: return isinstance(self.index, SetEmbeddingIndex) or bool(getattr(self.index, "is_set", False))
+    def __len__(self) -> int: return len(self.index)
     def __repr__(self) -> str: return f"Gallery({len(self)} items, {self.index!r})"
 
     def search(self, query_embeddings: Tensor,   # (nq, d) or (nq, kq, d), as the gallery
@@ -417,6 +433,9 @@ class Gallery:
             raise ShapeError(f"this gallery holds {'sets (m, K, d)' if self.is_set else 'vectors (m, d)'}: "
                              f"`query_embeddings` must be {'(nq, kq, d)' if self.is_set else '(nq, d)'}, got "
                              f"{tuple(getattr(query_embeddings, 'shape', ()))}")
+        if hasattr(self.index, "metadata"):              # Milvus: ids come back with the results
+            r = self.index.search(query_embeddings, k, query_mask)
+            return SearchResult(*_like_input(as_numpy, r.indices, r.scores), r.ids)
         if self.is_set: scores, pos = self.index.search(query_embeddings, k, query_mask)
         else:
             if query_mask is not None: raise ShapeError("`query_mask` applies to set galleries only")
@@ -425,8 +444,11 @@ class Gallery:
         return SearchResult(*_like_input(as_numpy, pos, scores), ids)
 
     def save(self, path: str | os.PathLike) -> Path:
-        "Write the index and, beside it (`<path>.ids.json`), the ids."
+        "Write the index and, beside it (`<path>.ids.json`), the ids. A Milvus gallery lives in Milvus: the file records where."
         path = Path(path)
+        if hasattr(self.index, "metadata"):
+            return _write(path, {"format": "xmretrieval-index", "version": _FORMAT_VERSION, "kind": "milvus",
+                                 "dim": self.index.dim, "config": self.index.config.to_dict()}, {})
         self.index.save(path)
         with atomic_path(Path(f"{path}.ids.json")) as tmp: tmp.write_text(json.dumps(self.ids))
         return path
@@ -434,13 +456,21 @@ class Gallery:
     @classmethod
     def load(cls, path: str | os.PathLike, dim: int | None = None,
              config: IndexConfig | SetIndexConfig | None = None) -> Gallery:
-        "Read a gallery written by `save` (same checks as the index `load`)."
+        "Read a gallery written by `save` (same checks as the index `load`; a Milvus gallery is opened where it lives)."
         path = Path(path)
-        header, _ = _read(path, _peek_kind(path))
-        index = (SetEmbeddingIndex if header["kind"] == "set" else EmbeddingIndex).load(path, dim, config)
+        kind = _peek_kind(path)
+        header, _ = _read(path, kind)
+        self = cls.__new__(cls)
+        CertifiedConfig, CertifiedIndex, MilvusConfig, MilvusGallery = _backend_classes()
+        if kind == "milvus":
+            self.index, self.ids = MilvusGallery(MilvusConfig.from_dict(header["config"])), None
+            if dim is not None and self.index.dim != dim:
+                raise CheckpointError(f"Milvus gallery {str(path)!r} holds {self.index.dim}-d vectors, expected {dim}-d")
+            return self
+        index = {"set": SetEmbeddingIndex, "certified": CertifiedIndex}.get(kind, EmbeddingIndex).load(
+            path, dim, *([] if kind == "certified" else [config]))
         idp = Path(f"{path}.ids.json")
         if not idp.exists(): raise CheckpointError(f"gallery ids {str(idp)!r} are missing")
-        self = cls.__new__(cls)
         self.index, self.ids = index, json.loads(idp.read_text())
         if len(self.ids) != len(index): raise CheckpointError(f"{str(idp)!r} has {len(self.ids)} ids for {len(index)} items")
         return self
