@@ -269,11 +269,21 @@ def near_tie_gallery(queries: Tensor,   # (nq, d) unit queries
     return torch.cat(out)
 
 # %% ../nbs/03a_certified.ipynb #d37fc6c9
-def _set_bounds(x: Tensor, mask: Tensor | None) -> tuple[float, float, float]:
-    "Float64 maxima over the valid elements of x (n, K, d): ||x||, ||x - bf16(x)||, ||bf16(x)||."
-    flat = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
-    b = _GalleryBounds.of(flat)
-    return b.norm, b.resid, b.bnorm
+def _set_bounds(x: Tensor,            # (n, K, d) float32 sets, validated unit vectors (norms within 1e-3 of 1)
+                xb: Tensor,           # (n * K, d) their bf16 copy
+                mask: Tensor | None,
+                chunk: int = 4096,
+               ) -> tuple[float, float, float]:
+    "Upper bounds of the maxima over the valid elements of ||x||, ||x - bf16(x)||, ||bf16(x)|| (one chunked pass)."
+    d = x.shape[-1]; flat = x.reshape(-1, d); up = 1 + _gamma(d + 2)
+    valid = None if mask is None else mask.reshape(-1)
+    r = 0.0
+    for s0 in range(0, len(flat), chunk):
+        nr = (flat[s0:s0 + chunk] - xb[s0:s0 + chunk].float()).norm(dim=-1)
+        if valid is not None: nr = nr[valid[s0:s0 + chunk]]
+        if len(nr): r = max(r, float(nr.max()))
+    n = 1 + 1e-3                                   # the unit-norm check's tolerance bounds every valid norm
+    return n, r * up, n + r * up                   # ||bf16(x)|| <= ||x|| + ||x - bf16(x)||
 
 def smooth_chamfer_topk(x: Tensor,            # query sets of unit vectors, (n, kx, d)
                         y: Tensor,            # gallery sets of unit vectors, (m, ky, d)
@@ -297,7 +307,8 @@ def smooth_chamfer_topk(x: Tensor,            # query sets of unit vectors, (n, 
     # first stage: Smooth-Chamfer of bf16 cosines, reduced in fp32
     c = min(_auto_chunk(n, kx, ky, chunk_size), m)
     pow2 = math.frexp(alpha)[0] == 0.5            # scaling by a power of two is exact in bf16: fold alpha into the queries
-    xb = x.reshape(n * kx, d).bfloat16() * (alpha if pow2 else 1.0); yb = y.reshape(m * ky, d).bfloat16()
+    xb0 = x.reshape(n * kx, d).bfloat16(); yb = y.reshape(m * ky, d).bfloat16()
+    xb = xb0 * alpha if pow2 else xb0
     approx = torch.empty(n, m)
     bbuf = torch.empty(n * kx * c * ky, dtype=torch.bfloat16); fbuf = torch.empty(n * kx * c * ky)
     with torch.no_grad():
@@ -309,9 +320,9 @@ def smooth_chamfer_topk(x: Tensor,            # query sets of unit vectors, (n, 
             approx[:, s0:s0 + cc] = _reduce_smooth_chamfer(sc.view(n, kx, cc, ky), x_mask,
                                                            None if y_mask is None else y_mask[s0:s0 + cc], alpha, True, True)
     # second stage: exact fp32 Smooth-Chamfer of the short list; uncertified queries get a 4x longer list, and so on
-    yn, yr, ybn = _set_bounds(y, y_mask)
+    yn, yr, ybn = _set_bounds(y, yb, y_mask)
     up = 1 + _gamma(d + 2)                                               # fp32 norms, rounded up
-    xb32 = x.bfloat16().float()
+    xb32 = xb0.float().view(n, kx, d)
     rq, qbn, qn = ((x - xb32).norm(dim=-1).double() * up, xb32.norm(dim=-1).double() * up, x.norm(dim=-1).double() * up)
     if x_mask is not None: rq, qbn, qn = rq * x_mask, qbn * x_mask, qn * x_mask
     rq, qbn, qn = rq.amax(1), qbn.amax(1), qn.amax(1)                     # the sup over a query's elements
@@ -322,19 +333,30 @@ def smooth_chamfer_topk(x: Tensor,            # query sets of unit vectors, (n, 
         cert = torch.ones(n, dtype=torch.bool); bad = torch.arange(n)
     else:
         top_s, top_i = approx.topk(L + 1, 1)
-        # only list entries within 2 eps of the k-th approximate score can reach the exact top-k: rescore those
-        width = (top_s[:, :L].double() >= (top_s[:, k - 1].double() - 2 * eps)[:, None]).sum(1)
+        def exact(rows: Tensor, cand: Tensor) -> Tensor:   # exact Smooth-Chamfer of queries `rows` with their (rows, W) candidates
+            out = torch.empty(cand.shape)
+            per = max(1, (64 << 20) // (4 * cand.shape[1] * ky * d))       # ~64 MB of gathered candidates per batch
+            buf = torch.empty(min(per, len(rows)) * cand.shape[1] * ky * d)  # reused: fresh pages cost 5x the copy
+            for q0 in range(0, len(rows), per):
+                r, c = rows[q0:q0 + per], cand[q0:q0 + per]
+                yc = torch.index_select(y, 0, c.reshape(-1), out=buf[:c.numel() * ky * d].view(-1, ky, d)).view(*c.shape, ky, d)
+                with torch.no_grad():
+                    out[q0:q0 + per] = candidate_set_similarity(x[r], yc, "smooth_chamfer", alpha,
+                        x_mask=None if x_mask is None else x_mask[r], y_mask=None if y_mask is None else y_mask[c], check=False)
+            return out
+        # the k best first stage entries, exactly: their k-th exact score bounds the exact top-k from below, so only
+        # list entries within eps of it can still enter the top-k (a window half as wide as 2 eps around the k-th approximate score)
+        every = torch.arange(n)
+        first = exact(every, top_i[:, :k])
+        width = (top_s[:, :L].double() >= (first.amin(1).double() - eps)[:, None]).sum(1).clamp_min(k)
+        scores, pos = first.topk(k, 1); pos = top_i.gather(1, pos)
         order = width.argsort()
-        rows = max(1, (64 << 20) // (4 * int(width.max()) * ky * d))       # ~64 MB of gathered candidates per batch
-        gbuf = torch.empty(rows * int(width.max()) * ky * d)                # reused: fresh pages cost 5x the copy
-        for q0 in range(0, n, rows):
-            blk = order[q0:q0 + rows]
-            cand = top_i[blk, :int(width[blk].max())]
-            yc = torch.index_select(y, 0, cand.reshape(-1), out=gbuf[:cand.numel() * ky * d].view(-1, ky, d)).view(*cand.shape, ky, d)
-            with torch.no_grad():
-                ex = candidate_set_similarity(x[blk], yc, "smooth_chamfer", alpha,
-                                              x_mask=None if x_mask is None else x_mask[blk],
-                                              y_mask=None if y_mask is None else y_mask[cand], check=False)
+        for q0 in range(0, n, 256):
+            blk = order[q0:q0 + 256]
+            W = int(width[blk].max())
+            if W <= k: continue
+            cand = top_i[blk, :W]
+            ex = torch.cat([first[blk], exact(blk, cand[:, k:])], 1)
             v, j = ex.topk(k, 1)
             scores[blk], pos[blk] = v, cand.gather(1, j)
         cert = scores[:, -1].double() > top_s[:, L].double() + eps
