@@ -18,6 +18,8 @@ _API = {
                                "load_checkpoint", "save_checkpoint", "read_checkpoint"),
     "xmretrieval.models.base": ("RetrievalModel", "build_model", "register_model", "MODELS"),
     "xmretrieval.index": ("Gallery", "SearchResult", "EmbeddingIndex", "SetEmbeddingIndex", "IndexConfig", "SetIndexConfig"),
+    "xmretrieval.certified": ("CertifiedConfig", "CertifiedIndex"),
+    "xmretrieval.milvus": ("MilvusConfig", "MilvusGallery"),
     "xmretrieval.metrics": ("retrieval_metrics", "aggregate_seeds", "format_mean_std"),
     "xmretrieval.train": ("Trainer", "train_seeds"),
 }
