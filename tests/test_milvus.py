@@ -91,3 +91,25 @@ def test_clear_errors(tmp_path, data):
         MilvusGallery.create(gal[:100], config=MilvusConfig(uri=str(tmp_path / "e.db")))
     with MilvusGallery.create(gal[:50], config=MilvusConfig(uri=str(tmp_path / "e.db"), overwrite=True)) as g:
         assert len(g) == 50
+
+
+def test_gallery_backends_and_save_load(tmp_path, data):
+    "Gallery: the config picks the backend; every backend returns faiss's exact top-10 and survives save/load."
+    from xmretrieval.certified import CertifiedConfig
+    from xmretrieval.index import Gallery
+    gal, qry = data
+    ids = [f"g{i}" for i in range(len(gal))]
+    ref = Gallery(gal, ids).search(qry[:20], 10)
+    for name, cfg in [("cert", CertifiedConfig(shortlist=32)), ("milvus", MilvusConfig(uri=str(tmp_path / "gb.db")))]:
+        g = Gallery(gal, ids, config=cfg, metadata=[{"n": i} for i in range(len(gal))] if name == "milvus" else None)
+        r = g.search(qry[:20], 10)
+        assert torch.equal(r.indices, ref.indices) and r.ids == ref.ids
+        p = g.save(tmp_path / f"{name}.index")
+        if name == "milvus": g.index.close()
+        back = Gallery.load(p)
+        assert back.search(qry[:20], 10).ids == ref.ids and len(back) == len(gal)
+        if name == "milvus":
+            assert back.index.metadata([7]) == [{"id": "g7", "metadata": {"n": 7}}]
+            back.index.close()
+    np_r = Gallery(gal.numpy(), ids, config=CertifiedConfig()).search(qry[:5].numpy(), 3)
+    assert type(np_r.indices).__name__ == "ndarray"
