@@ -22,10 +22,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 
 # %% auto #0
-__all__ = ['XMRError', 'ShapeError', 'ConfigError', 'DataError', 'CheckpointError', 'check_tensor', 'check_unit_norm',
-           'make_generator', 'seed_everything', 'fork_rng', 'get_device', 'atomic_path', 'Config']
+__all__ = ['XMRError', 'ShapeError', 'ConfigError', 'DataError', 'CheckpointError', 'WriteError', 'check_tensor',
+           'check_unit_norm', 'make_generator', 'seed_everything', 'fork_rng', 'get_device', 'atomic_path',
+           'check_writable', 'Config']
 
 # %% ../nbs/00_core.ipynb #86a36b11
 class XMRError(Exception):
@@ -46,6 +48,10 @@ class DataError(XMRError, ValueError):
 # %% ../nbs/00_core.ipynb #d04176a3
 class CheckpointError(XMRError, ValueError):
     "A checkpoint or saved index does not match the model, version or config it is loaded into."
+
+# %% ../nbs/00_core.ipynb #d3382e45
+class WriteError(XMRError, OSError):
+    "A file or folder cannot be written (read-only, a file where a folder belongs, disk full); nothing was half-written."
 
 # %% ../nbs/00_core.ipynb #87b4a64e
 def check_tensor(x: Any,            # the value to check
@@ -118,19 +124,40 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 # %% ../nbs/00_core.ipynb #20fa4f8a
+def _write_failure(e: BaseException) -> bool:
+    "An OSError, or safetensors' wrapping of one (it raises SafetensorError('... I/O error ...') on a full disk)."
+    return isinstance(e, OSError) and not isinstance(e, XMRError) or isinstance(e, SafetensorError) and "I/O error" in str(e)
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    "Yield a temporary path beside `path`; on success move it onto `path` atomically, on error delete it."
+    "Yield a temporary path beside `path`; on success move it onto `path` atomically, on error delete it; I/O failures -> `WriteError` naming `path`."
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e: raise WriteError(f"cannot write {str(path)!r}: {e}") from e
     tmp = Path(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
+    except BaseException as e:
+        if _write_failure(e): raise WriteError(f"cannot write {str(path)!r} (nothing was written): {e}") from e
+        raise
     finally:
         if tmp.exists(): tmp.unlink()
+
+def check_writable(folder: str | os.PathLike,  # a folder that will receive files (created if missing)
+                   what: str = "output folder",  # what it is, for the message
+                  ) -> Path:
+    "Create `folder` if needed and check that a file can be created in it, before any work; `WriteError` naming it otherwise."
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".xmr-write-check.", dir=folder)
+        os.close(fd); os.unlink(tmp)
+    except OSError as e: raise WriteError(f"{what} {str(folder)!r} is not writable: {e}") from e
+    return folder
 
 # %% ../nbs/00_core.ipynb #5551bb47
 _INT_RE = re.compile(r"[+-]?\d+")
