@@ -12,13 +12,18 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import tempfile
+import time
 import types
 import typing
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+try: import fcntl
+except ImportError: fcntl = None   # not POSIX: folder locks are not available
 
 import numpy as np
 import torch
@@ -26,9 +31,9 @@ import yaml
 from safetensors import SafetensorError
 
 # %% auto #0
-__all__ = ['XMRError', 'ShapeError', 'ConfigError', 'DataError', 'CheckpointError', 'WriteError', 'check_tensor',
+__all__ = ['XMRError', 'ShapeError', 'ConfigError', 'DataError', 'CheckpointError', 'WriteError', 'LockError', 'check_tensor',
            'check_unit_norm', 'make_generator', 'seed_everything', 'fork_rng', 'get_device', 'atomic_path',
-           'check_writable', 'tensor_checksums', 'bad_checksums', 'Config']
+           'check_writable', 'tensor_checksums', 'bad_checksums', 'file_digest', 'folder_lock', 'Config']
 
 # %% ../nbs/00_core.ipynb #86a36b11
 class XMRError(Exception):
@@ -53,6 +58,10 @@ class CheckpointError(XMRError, ValueError):
 # %% ../nbs/00_core.ipynb #d3382e45
 class WriteError(XMRError, OSError):
     "A file or folder cannot be written (read-only, a file where a folder belongs, disk full); nothing was half-written."
+
+# %% ../nbs/00_core.ipynb #eee5948a
+class LockError(XMRError, RuntimeError):
+    "Another process is using a folder (a training run writing its checkpoints); the message names it."
 
 # %% ../nbs/00_core.ipynb #87b4a64e
 def check_tensor(x: Any,            # the value to check
@@ -175,6 +184,45 @@ def bad_checksums(tensors: dict[str, torch.Tensor], expected: dict[str, str]) ->
     "The names whose checksum differs from `expected` (or that are missing on either side)."
     got = tensor_checksums(tensors)
     return sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+
+# %% ../nbs/00_core.ipynb #74acf944
+def file_digest(path: str | os.PathLike) -> str:
+    "SHA-256 (hex) of the bytes of the file `path`."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+    return h.hexdigest()
+
+# %% ../nbs/00_core.ipynb #06bdedf1
+def _holder(lock: Path) -> str:
+    try: h = json.loads(lock.read_text() or "{}")
+    except (OSError, ValueError): h = {}
+    if not h: return "another process"
+    return f"process {h.get('pid')} on {h.get('host')} since {h.get('since')} ({h.get('command')})"
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike,   # the folder to own (created if missing)
+                what: str = "run folder",     # what it is, for the messages
+               ) -> Iterator[Path]:
+    "Hold an exclusive lock on `folder` for the block; `LockError` naming the holder if another process (or object) holds it."
+    folder = check_writable(folder, what)
+    if fcntl is None: yield folder; return    # no flock on this platform: no protection
+    lock = folder / ".lock"
+    try: fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e: raise WriteError(f"cannot create the lock file {str(lock)!r}: {e}") from e
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockError(f"{what} {str(folder)!r} is in use by {_holder(lock)}; wait for it to finish or choose "
+                        "another folder (nothing was written)") from None
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:200]}
+        os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield folder
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
 
 # %% ../nbs/00_core.ipynb #5551bb47
 _INT_RE = re.compile(r"[+-]?\d+")
