@@ -20,7 +20,7 @@ from .core import RetrievalData
 
 # %% auto #0
 __all__ = ['FeatureConfig', 'feature_manifest', 'image_encoder', 'text_encoder', 'images_to_tensor', 'encode_images',
-           'encode_texts', 'featurize']
+           'token_counts', 'encode_texts', 'featurize']
 
 # %% ../../nbs/04b_data.features.ipynb #d7466d64
 @dataclass
@@ -112,6 +112,15 @@ def encode_images(images,  # list of PIL images, or uint8 (B, H, W, 3) / (B, 3, 
     return grid, grid.mean(1)
 
 # %% ../../nbs/04b_data.features.ipynb #03117aa9
+def token_counts(captions: list[str],  # n captions
+                 cfg: FeatureConfig | None = None,
+                ) -> list[int]:
+    "Tokens per caption before truncation ([CLS] and [SEP] included): a caption with more than `cfg.max_tokens` is cut."
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise DataError("`captions` must be a list of str")
+    tok, _ = text_encoder((cfg or FeatureConfig()).device)
+    return [len(ids) for ids in tok(captions, truncation=False)["input_ids"]]
+
 @torch.inference_mode()
 def encode_texts(captions: list[str],  # n captions
                  cfg: FeatureConfig | None = None,
