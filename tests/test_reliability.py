@@ -36,19 +36,29 @@ class Case:
     run: Callable[[Path], object]      # performs the call in a scratch folder
     error: type | None = None          # the XMRError subclass expected; None: the right result (asserted by `run`)
     names: str = ""                    # regex the message must match: the argument, field or file named
+    data_loss: bool = False            # a case that used to lose data: `run` also asserts that nothing was overwritten
 
     @property
     def outcome(self) -> str:
-        return f"clear error ({self.error.__name__})" if self.error else "right result"
+        "What the docs table counts: clear error / clear error, nothing overwritten / right result."
+        if self.error is None: return "right result"
+        return "clear error, nothing overwritten" if self.data_loss else "clear error"
+
+    @property
+    def detail(self) -> str:
+        "The outcome with the error class (the command line's: exit code 2 and the message)."
+        if self.error is None: return "right result"
+        err = "exit code 2 + message" if self.error.__name__ == "CLIExit2" else self.error.__name__
+        return f"{self.outcome} ({err})"
 
 
 CASES: list[Case] = []
 
 
-def case(entry: str, what: str, error: type | None = None, names: str = ""):
+def case(entry: str, what: str, error: type | None = None, names: str = "", data_loss: bool = False):
     "Register the decorated function `f(tmp: Path)` as a case."
     def deco(fn):
-        CASES.append(Case(entry, what, fn, error, names))
+        CASES.append(Case(entry, what, fn, error, names, data_loss))
         return fn
     return deco
 
@@ -462,6 +472,330 @@ def test_cold_cache_same_numbers(tmp_path, monkeypatch):
 
 
 DEDICATED = [
-    ("trainer", "the first fit on an empty feature cache (same config and seed as a second fit)", "right result",
+    ("trainer", "the first fit on an empty feature cache: the same metrics and weights as a second fit (same seed)",
+     "right result",
      "test_cold_cache_same_numbers"),
 ]
+
+
+# ======================================================================== trained run, checkpoint and index (shared)
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+import io  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+from xmretrieval.checkpoint import DataConfig, evaluate, load_checkpoint  # noqa: E402
+from xmretrieval.core import CheckpointError, LockError, ShapeError, file_digest  # noqa: E402
+from xmretrieval.index import Gallery, SetIndexConfig  # noqa: E402
+from xmretrieval.train import Trainer, TrainingError, train_seeds  # noqa: E402
+from xmretrieval.cli import main as xmr  # noqa: E402
+
+
+def _splits(folder: Path, seed: int = 0) -> Path:
+    "train/val/test splits of random features (visual 16-d, text 384-d like MiniLM), saved as a data folder."
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 32), ("val", 16), ("test", 16)):
+        m = 2 * n
+        tl = torch.randn(m, 5, 384, generator=g)
+        save_data(RetrievalData(name="toy", split=split, visual_ids=[f"{split}{i}" for i in range(n)],
+                                visual_global=torch.randn(n, 16, generator=g), visual_local=torch.randn(n, 3, 16, generator=g),
+                                visual_mask=None, captions=[f"caption {j}" for j in range(m)],
+                                text_to_visual=torch.arange(n).repeat_interleave(2), text_global=tl.mean(1), text_local=tl,
+                                text_mask=torch.ones(m, 5, dtype=torch.bool)), folder / f"{split}.safetensors")
+    return folder
+
+
+def _config(data: Path, **changes) -> TrainConfig:
+    base = dict(model="biencoder", model_config={"d_emb": 16, "head": "linear"}, data=DataConfig(path=str(data)),
+                epochs=2, batch_size=8, eval_batch_size=64, progress=False, device="cpu")
+    return TrainConfig(**{**base, **changes})
+
+
+@functools.lru_cache(maxsize=None)
+def _trained() -> Path:
+    "A finished run (seed 0) with an index of its test split, built once per session: copy before damaging."
+    root = Path(tempfile.mkdtemp(prefix="xmr-reliab-"))
+    data = _splits(root / "data")
+    cfg = _config(data)
+    _config(data).save(root / "config.json")
+    Trainer(cfg, root / "run").fit()
+    Trainer(cfg.replace(seed=1), root / "other").fit()
+    assert _xmr(["index", str(root / "run" / "best.safetensors"), "--out", str(root / "run" / "test.index")])[0] == 0
+    return root
+
+
+def _copy(tmp: Path) -> Path:
+    "A private copy of the trained run folder (checkpoints + index) in `tmp`."
+    shutil.copytree(_trained() / "run", tmp / "run")
+    for f in (tmp / "run").glob("*.xmr.json"):   # the copy's index is bound to the copy's checkpoint
+        meta = json.loads(f.read_text()); meta["checkpoint"] = str(tmp / "run" / "best.safetensors")
+        f.write_text(json.dumps(meta))
+    return tmp / "run"
+
+
+def _xmr(argv: list[str]) -> tuple[int, str, str]:
+    "Run the `xmr` command line in-process: (exit code, stdout, stderr)."
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = xmr([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+class CLIExit2(XMRError):
+    "The command line printed an error and exited with code 2 (the message is its stderr)."
+
+
+def _xmr_fails(argv: list[str]) -> None:
+    rc, out, err = _xmr(argv)
+    assert rc == 2 and err.startswith(f"xmr {argv[0]}: error:"), (rc, out, err)
+    raise CLIExit2(err)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+@case("CLI", "`xmr train --seeds 0,0` (a repeated seed)", CLIExit2, r"--seeds repeats \[0\]")
+def _(tmp):
+    _xmr_fails(["train", _trained() / "config.json", "--out", tmp / "runs", "--seeds", "0,0"])
+
+
+@case("CLI", "`xmr train --out` naming a file", CLIExit2, r"run folder .*a-file.* not writable")
+def _(tmp):
+    (tmp / "a-file").write_text("")
+    _xmr_fails(["train", _trained() / "config.json", "--out", tmp / "a-file"])
+
+
+@case("CLI", "`xmr train --out` a folder holding best + metrics but no last: refused, nothing overwritten", CLIExit2,
+      r"already holds a run \(best\.safetensors, metrics\.json.*nothing was overwritten", data_loss=True)
+def _(tmp):
+    run = _copy(tmp)
+    (run / "last.safetensors").unlink()
+    before = _digests(run)
+    try:
+        _xmr_fails(["train", _trained() / "config.json", "--out", run])
+    finally:
+        assert _digests(run) == before
+
+
+@case("CLI", "`xmr eval --out` naming a path below a file", CLIExit2, r"a-file")
+def _(tmp):
+    (tmp / "a-file").write_text("")
+    _xmr_fails(["eval", _trained() / "run" / "best.safetensors", "--out", tmp / "a-file" / "m.json"])
+
+
+for _q in ("", "   "):
+    @case("CLI", f"`xmr search` with the query {_q!r}", CLIExit2, r"`query` is empty")
+    def _(tmp, _q=_q):
+        _xmr_fails(["search", _copy(tmp) / "test.index", _q])
+
+
+@case("CLI", "`xmr search` after the checkpoint was replaced by another run's", CLIExit2,
+      r"checkpoint .*best\.safetensors' changed since index .*rebuild", data_loss=True)
+def _(tmp):
+    run = _copy(tmp)
+    shutil.copy(_trained() / "other" / "best.safetensors", run / "best.safetensors")
+    _xmr_fails(["search", run / "test.index", "caption 1"])
+
+
+@case("CLI", "`xmr search` with a corrupt .xmr.json", CLIExit2, r"test\.index\.xmr\.json' is unreadable")
+def _(tmp):
+    run = _copy(tmp)
+    (run / "test.index.xmr.json").write_text("{not json")
+    _xmr_fails(["search", run / "test.index", "caption 1"])
+
+
+@case("CLI", "`xmr search` with an .xmr.json from before indexes were bound to their checkpoint", CLIExit2,
+      r"test\.index\.xmr\.json' lacks .*rebuild it with `xmr index`")
+def _(tmp):
+    run = _copy(tmp)
+    meta = json.loads((run / "test.index.xmr.json").read_text())
+    (run / "test.index.xmr.json").write_text(json.dumps({k: meta[k] for k in ("xmr_version", "checkpoint", "data", "split")}))
+    _xmr_fails(["search", run / "test.index", "caption 1"])
+
+
+@case("CLI", "`xmr search` with an edited ids.json", CLIExit2, r"ids file .*test\.index\.ids\.json' changed since index")
+def _(tmp):
+    run = _copy(tmp)
+    ids = json.loads((run / "test.index.ids.json").read_text())
+    (run / "test.index.ids.json").write_text(json.dumps(ids[::-1]))
+    _xmr_fails(["search", run / "test.index", "caption 1"])
+
+
+@case("CLI", "`xmr search` with a query longer than the text encoder reads: a warning, then the results")
+def _(tmp):
+    run = _copy(tmp)
+    with pytest.warns(UserWarning, match=r"the query has \d+ tokens; only the first 32 are used"):
+        rc, out, err = _xmr(["search", run / "test.index", " ".join(["dog"] * 60), "--k", "3"])
+    assert rc == 0 and len(out.strip().splitlines()) == 3
+
+
+# ----------------------------------------------------------------------------------------- config (trainer's)
+@case("config", '`"d_emb": 0` in the model config', ConfigError, r"BiEncoderConfig\.d_emb must be >= 1, got 0")
+def _(tmp):
+    TrainConfig.from_dict({"model_config": {"d_emb": 0}}).model_config_obj()
+
+
+@case("config", '`"max_steps": -5`', ConfigError, r"TrainConfig\.max_steps must be >= 0, got -5")
+def _(tmp):
+    TrainConfig.from_dict({"max_steps": -5})
+
+
+@case("config", "`SetIndexConfig(alpha=-1)`", ConfigError, r"SetIndexConfig\.alpha must be finite and > 0, got -1\.0")
+def _(tmp):
+    SetIndexConfig(alpha=-1)
+
+
+@case("config", '`"lr": 0`', ConfigError, r"OptimConfig\.lr must be finite and > 0")
+def _(tmp):
+    TrainConfig.from_dict({"optim": {"lr": 0}})
+
+
+@case("config", '`"dropout": 1.5` in the model config', ConfigError, r"BiEncoderConfig\.dropout")
+def _(tmp):
+    TrainConfig.from_dict({"model_config": {"dropout": 1.5}}).model_config_obj()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+@case("checkpoint", "a bit flipped in a weight tensor of best.safetensors", CheckpointError,
+      r"best\.safetensors' is corrupt: tensors .* fail their checksum")
+def _(tmp):
+    run = _copy(tmp)
+    _flip_bit(run / "best.safetensors", 9)
+    load_checkpoint(run / "best.safetensors")
+
+
+@case("checkpoint", "resuming from a last.safetensors with a flipped bit", CheckpointError, r"last\.safetensors' is corrupt")
+def _(tmp):
+    run = _copy(tmp)
+    _flip_bit(run / "last.safetensors", 9)
+    Trainer(_config(_trained() / "data"), run, resume=True).fit()
+
+
+@case("checkpoint", "a truncated checkpoint", CheckpointError, r"best\.safetensors' is not a readable safetensors file")
+def _(tmp):
+    run = _copy(tmp)
+    raw = (run / "best.safetensors").read_bytes()
+    (run / "best.safetensors").write_bytes(raw[: len(raw) // 2])
+    load_checkpoint(run / "best.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------- index
+@case("index", "a set gallery of K=0 sets", ShapeError, r"`embeddings` holds sets of K=0")
+def _(tmp):
+    Gallery(torch.zeros(4, 0, 8))
+
+
+@case("index", "`Gallery.search` with int64 query embeddings", ShapeError, r"torch\.Tensor of dtype torch\.int64")
+def _(tmp):
+    Gallery(F.normalize(torch.randn(5, 8), dim=-1)).search(torch.ones(2, 8, dtype=torch.int64))
+
+
+@case("index", "`Gallery.search` with a numpy int64 array", ShapeError, r"numpy\.ndarray of dtype torch\.int64")
+def _(tmp):
+    Gallery(F.normalize(torch.randn(5, 8), dim=-1)).search(np.ones((2, 8), dtype=np.int64))
+
+
+@case("index", "`Gallery.search` with a Python list", ShapeError, r"got builtins\.list")
+def _(tmp):
+    Gallery(F.normalize(torch.randn(5, 8), dim=-1)).search([[0.0] * 8])
+
+
+@case("index", "`Gallery.load` with a corrupt ids.json", CheckpointError, r"g\.index\.ids\.json' are unreadable")
+def _(tmp):
+    Gallery(F.normalize(torch.randn(5, 8), dim=-1)).save(tmp / "g.index")
+    (tmp / "g.index.ids.json").write_text("[1, 2")
+    Gallery.load(tmp / "g.index")
+
+
+@case("index", "`Gallery.load` with ids.json that is not a list of strings", CheckpointError, r"must be a JSON list of strings")
+def _(tmp):
+    Gallery(F.normalize(torch.randn(5, 8), dim=-1)).save(tmp / "g.index")
+    (tmp / "g.index.ids.json").write_text('{"a": 1}')
+    Gallery.load(tmp / "g.index")
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+@case("trainer", "`evaluate(batch_size=0)`", ConfigError, r"`batch_size` must be an int >= 1, got 0")
+def _(tmp):
+    model, _, _ = load_checkpoint(_trained() / "run" / "best.safetensors")
+    evaluate(model, load_data(_trained() / "data" / "test.safetensors"), batch_size=0)
+
+
+@case("trainer", "a run whose weights become NaN (lr=1e37): once a ShapeError 'sims contains NaN'", TrainingError, r"training diverged: .* NaN or inf after step 1")
+def _(tmp):
+    Trainer(_config(_trained() / "data", epochs=1, batch_size=32, optim={"lr": 1e37})).fit()
+
+
+@case("trainer", "`Trainer` into a folder holding best + metrics but no last: refused, nothing overwritten",
+      CheckpointError, r"already holds a run \(best\.safetensors, metrics\.json.*cannot be resumed", data_loss=True)
+def _(tmp):
+    run = _copy(tmp)
+    (run / "last.safetensors").unlink()
+    before = _digests(run)
+    try:
+        Trainer(_config(_trained() / "data"), run).fit()
+    finally:
+        assert _digests(run) == before
+
+
+@case("trainer", "`Trainer` into a folder that another Trainer holds", LockError, r"run folder .* is in use by process", data_loss=True)
+def _(tmp):
+    from xmretrieval.core import folder_lock
+    with folder_lock(tmp / "run"):
+        Trainer(_config(_trained() / "data"), tmp / "run").fit()
+
+
+@case("trainer", "best.safetensors replaced by another run between an interruption and the resume", CheckpointError,
+      r"best\.safetensors' is not the file this run wrote", data_loss=True)
+def _(tmp):
+    cfg = _config(_trained() / "data", epochs=3)
+    Trainer(cfg, tmp / "run").fit(stop_after_epochs=1)
+    shutil.copy(_trained() / "other" / "best.safetensors", tmp / "run" / "best.safetensors")
+    Trainer(cfg, tmp / "run", resume=True).fit()
+
+
+@case("trainer", "`train_seeds(seeds=[1, 1])`", ConfigError, r"`seeds` repeats \[1\]")
+def _(tmp):
+    train_seeds(_config(_trained() / "data"), [1, 1], tmp / "runs")
+
+
+@case("trainer", "`Trainer` with out_dir below a file", WriteError, r"run folder .*a-file")
+def _(tmp):
+    (tmp / "a-file").write_text("")
+    Trainer(_config(_trained() / "data"), tmp / "a-file" / "run").fit()
+
+
+def test_two_trainings_into_one_folder(tmp_path):
+    "Two `xmr train --out DIR` started together: exactly one is refused (exit 2), the other finishes, no file is mixed."
+    data = _splits(tmp_path / "data")
+    _config(data, epochs=6).save(tmp_path / "config.json")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "xmretrieval.cli", "train", str(tmp_path / "config.json"), "--out", str(tmp_path / "run")]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.returncode, *out) for p in procs for out in [p.communicate(timeout=300)]]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2], results
+    refused = next(r for r in results if r[0] == 2)
+    assert re.search(r"in use by process \d+|already holds a run", refused[2]), refused[2]
+    done = next(r for r in results if r[0] == 0)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert f"{metrics['test']['RSUM']:.1f}" in done[1]   # the run that finished reports its own metrics
+
+
+DEDICATED.append(("trainer", "two `xmr train --out DIR` at once into one folder: exactly one refused (exit 2)",
+                  "clear error, nothing overwritten",
+                  "test_two_trainings_into_one_folder"))
+
+
+def test_reliability_page_is_up_to_date():
+    "nbs/95_reliability.ipynb is what tools/reliability_table.py writes from this module (rerun the script after adding a case)."
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "reliability_table.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
