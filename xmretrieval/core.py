@@ -207,7 +207,7 @@ def folder_lock(folder: str | os.PathLike,   # the folder to own (created if mis
     "Hold an exclusive lock on `folder` for the block; `LockError` naming the holder if another process (or object) holds it."
     folder = check_writable(folder, what)
     if fcntl is None: yield folder; return    # no flock on this platform: no protection
-    lock = folder / ".lock"
+    lock = folder / ".xmr-lock"
     try: fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e: raise WriteError(f"cannot create the lock file {str(lock)!r}: {e}") from e
     try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
