@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import xmretrieval
-from .core import CheckpointError, Config, ConfigError, DataError, atomic_path, get_device
+from .core import (CheckpointError, Config, ConfigError, DataError, atomic_path, bad_checksums,
+                              get_device, tensor_checksums)
 from .models.base import RetrievalModel, build_model, get_model_class
-from .core import bad_checksums, tensor_checksums
 
 # %% auto #0
 __all__ = ['PRESETS_DIR', 'CHECKPOINT_FORMAT', 'OptimConfig', 'DataConfig', 'TrainConfig', 'load_config', 'load_split',

@@ -13,11 +13,10 @@ import torch
 from fastcore.script import Param, anno_parser, store_true
 
 import xmretrieval
-from .core import CheckpointError, ConfigError, DataError, XMRError, atomic_path
+from .core import CheckpointError, ConfigError, DataError, XMRError, atomic_path, file_digest
 from .checkpoint import DataConfig, evaluate, load_checkpoint, load_config, load_split
 from .index import Gallery
 from .train import Trainer, markdown_table, train_seeds
-from .core import file_digest
 from .data.core import config_digest
 
 # %% auto #0

@@ -23,13 +23,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import xmretrieval
-from .core import (CheckpointError, Config, ConfigError, DataError, XMRError, atomic_path, fork_rng,
-                              get_device, make_generator, seed_everything)
+from .core import (CheckpointError, Config, ConfigError, DataError, ShapeError, XMRError, atomic_path,
+                              file_digest, folder_lock, fork_rng, get_device, make_generator, seed_everything)
 from .models.base import RetrievalModel, batch_to, get_model_class, make_batch
 from .checkpoint import (CHECKPOINT_FORMAT, PRESETS_DIR, DataConfig, OptimConfig, TrainConfig, _load_weights,
                                     evaluate, load_checkpoint, load_config, load_split, read_checkpoint, save_checkpoint)
-from .core import file_digest, folder_lock
-from .core import ShapeError
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'TABLE_KEYS', 'epoch_batches', 'shard_batch', 'param_groups', 'lr_factor', 'TrainingError',
