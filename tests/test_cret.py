@@ -294,3 +294,19 @@ def test_short_training_on_emoji_video_tiny_beats_random_ranking():
     # measured: RSUM 201 (seed 0; seeds 1-3: 179, 166, 199) vs 96 by chance; t2v R@10 54 (61, 54, 62) vs 31
     assert s["test"]["RSUM"] > ch["RSUM"] + 50
     assert s["test"]["t2v/R@10"] > 1.5 * ch["t2v/R@10"] and s["test"]["v2t/R@10"] > ch["v2t/R@10"]
+
+
+def test_cret_index_save_load_roundtrip(tmp_path):
+    from xmretrieval.core import CheckpointError
+    from xmretrieval.index import IndexConfig
+    g = make_generator(6)
+    gal = torch.cat([F.normalize(torch.randn(300, 1, 8, generator=g), dim=-1),
+                     F.normalize(torch.randn(300, 2, 8, generator=g), dim=-1) / math.sqrt(2)], 1)
+    q = gal[:10] + 0.01
+    idx = CretIndex(gal, beta=0.3, shortlist=60, ids=[f"c{i}" for i in range(300)], config=IndexConfig(backend="hnsw"))
+    back = CretIndex.load(idx.save(tmp_path / "g.npz"))
+    a, b = idx.search(q, 5), back.search(q, 5)
+    assert torch.equal(a.indices, b.indices) and a.ids == b.ids and back.first.config.backend == "hnsw"
+    (tmp_path / "x.npz").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not a readable CRET index"):
+        CretIndex.load(tmp_path / "x.npz")
