@@ -302,7 +302,7 @@ def test_cret_index_save_load_roundtrip(tmp_path):
     g = make_generator(6)
     gal = torch.cat([F.normalize(torch.randn(300, 1, 8, generator=g), dim=-1),
                      F.normalize(torch.randn(300, 2, 8, generator=g), dim=-1) / math.sqrt(2)], 1)
-    q = gal[:10] + 0.01
+    q = gal[:10].clone()
     idx = CretIndex(gal, beta=0.3, shortlist=60, ids=[f"c{i}" for i in range(300)], config=IndexConfig(backend="hnsw"))
     back = CretIndex.load(idx.save(tmp_path / "g.npz"))
     a, b = idx.search(q, 5), back.search(q, 5)
