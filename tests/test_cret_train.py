@@ -136,3 +136,54 @@ def test_a_video_without_features_is_named(tmp_path):
     (feats / "video3.npy").unlink()
     with pytest.raises(DataError, match="no features for id 'video3'"):
         read_msrvtt(folder, feats, "train")
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    "CRET's forward packs frames and their mask for the DDP gather: 2 gloo processes take the same steps as one."
+    import os
+    import subprocess
+    import sys
+    from xmretrieval.data.core import RetrievalData, save_data
+    from xmretrieval.train import DataConfig, OptimConfig, TrainConfig, read_checkpoint
+
+    def synthetic(split, n, caps=2, dv=12, dt=8, T=6, Lt=3):
+        g = torch.Generator().manual_seed({"train": 0, "val": 1, "test": 2}[split])
+        vl = torch.randn(n, T, dv, generator=g)
+        vm = torch.ones(n, T, dtype=torch.bool)
+        vm[::3, 4:] = False; vm[1::4, 2:] = False                      # clips of 6, 4 and 2 valid frames
+        tl = torch.randn(n * caps, Lt, dt, generator=g)
+        return RetrievalData(name="synthetic", split=split, visual_ids=[f"{split}{i}" for i in range(n)],
+                             visual_global=vl.mean(1), visual_local=vl, visual_mask=vm,
+                             captions=[f"c{j} {split}{i}" for i in range(n) for j in range(caps)],
+                             text_to_visual=torch.arange(n).repeat_interleave(caps), text_global=tl.mean(1),
+                             text_local=tl, text_mask=torch.ones(n * caps, Lt, dtype=torch.bool))
+
+    data = tmp_path / "data"
+    for split, n in (("train", 32), ("val", 8)): save_data(synthetic(split, n), data / f"{split}.safetensors")
+    mc = {"dim": 16, "heads": 2, "temporal_layers": 1, "max_frames": 8, "num_centers": 2, "decoder_depth": 1,
+          "decoder_heads": 2, "dropout": 0.0, "train_frames": 0}        # every valid frame: no sampling randomness
+    cfg = TrainConfig(model="cret", model_config=mc, data=DataConfig(path=str(data), test_split=None),
+                      optim=OptimConfig(lr=3e-3, warmup_steps=1), epochs=2, max_steps=4, batch_size=8,
+                      captions_per_item=2, progress=False, num_threads=1, device="cpu")
+    cfg_path = cfg.save(tmp_path / "cfg.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "XMR_DEVICE": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "xmretrieval.cli", "train", str(cfg_path), "--out", str(tmp_path / "ddp")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    Trainer(cfg, tmp_path / "single").fit()
+    a = read_checkpoint(tmp_path / "ddp" / "last.safetensors")[0]
+    b = read_checkpoint(tmp_path / "single" / "last.safetensors")[0]
+    keys = [k for k in b if k.startswith("model.")]
+    assert keys and sorted(k for k in a if k.startswith("model.")) == sorted(keys)
+
+    def comparable(k, x):
+        # the key bias of an attention layer gets an exactly-zero gradient (softmax is shift-invariant); Adam turns its
+        # rounding noise into updates that differ between 1 and 2 processes: compare the query and value biases only
+        if k.endswith("in_proj_bias"):
+            d = x.shape[0] // 3
+            return torch.cat([x[:d], x[2 * d:]])
+        return x
+    bad = {k: float((comparable(k, a[k]) - comparable(k, b[k])).abs().max()) for k in keys
+           if not torch.allclose(comparable(k, a[k]), comparable(k, b[k]), atol=2e-5, rtol=1e-4)}
+    assert not bad, bad
