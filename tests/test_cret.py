@@ -310,3 +310,19 @@ def test_cret_index_save_load_roundtrip(tmp_path):
     (tmp_path / "x.npz").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="not a readable CRET index"):
         CretIndex.load(tmp_path / "x.npz")
+
+
+def test_bf16_autocast_keeps_the_bound_in_float32_and_the_model_loss_close():
+    g = make_generator(8)
+    t, f = F.normalize(torch.randn(6, 32, generator=g), dim=-1), F.normalize(torch.randn(4, 4, 32, generator=g), dim=-1)
+    t2v = torch.tensor([0, 1, 1, 2, 3, 3])
+    ref = gees_loss(t, f, t2v, 20.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = gees_loss(t, f, t2v, 20.0)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    m = small_model(train_frames=0).train()       # no frame sampling: the same frames in both passes
+    b = random_batch()
+    with fork_rng(0): ref = m(b)["loss"]
+    with fork_rng(0), torch.autocast("cpu", dtype=torch.bfloat16): fast = m(b)["loss"]
+    assert torch.isfinite(fast) and abs(fast.item() - ref.item()) < 0.05 * abs(ref.item())
