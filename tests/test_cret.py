@@ -265,7 +265,7 @@ def test_bad_input_names_the_argument():
 
 def test_checkpoint_with_other_frame_width_is_refused(tmp_path):
     from xmretrieval.data.core import RetrievalData
-    from xmretrieval.train import evaluate, load_checkpoint, save_checkpoint, TrainConfig
+    from xmretrieval.checkpoint import TrainConfig, evaluate, load_checkpoint, save_checkpoint
     m = small_model()
     p = save_checkpoint(tmp_path / "m.safetensors", m, TrainConfig(model="cret", model_config=m.config.to_dict()), {})
     back, _, _ = load_checkpoint(p)
@@ -279,7 +279,7 @@ def test_checkpoint_with_other_frame_width_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- learning
 def test_short_training_on_emoji_video_tiny_beats_random_ranking():
-    from xmretrieval.models.dive import chance_metrics
+    from xmretrieval.repro.dive import chance_metrics
     from xmretrieval.train import Trainer, load_config
     n = torch.get_num_threads()
     torch.set_num_threads(1)

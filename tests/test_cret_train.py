@@ -10,7 +10,8 @@ import torch
 from xmretrieval.cli import main, xmr_eval, xmr_train
 from xmretrieval.core import DataError
 from xmretrieval.models.cret import Cret
-from xmretrieval.train import Trainer, load_checkpoint, load_config
+from xmretrieval.checkpoint import load_checkpoint, load_config
+from xmretrieval.train import Trainer
 
 
 @pytest.fixture
@@ -32,6 +33,19 @@ def test_tiny_preset_trains_from_the_cli_and_reloads(tmp_path, one_thread):
     res = xmr_eval(str(out / "best.safetensors"), split="test")
     for k in ("RSUM", "t2v/R@1", "v2t/R@10", "t2v/MnR"):     # the reloaded checkpoint reproduces the trainer's metrics
         assert res["metrics"][k] == pytest.approx(summary["test"][k], abs=1e-6)
+    # xmr index / xmr search: the generic gallery ranks the test clips exactly by S (index_embeddings)
+    from xmretrieval.checkpoint import load_split
+    from xmretrieval.cli import xmr_index, xmr_search
+    from xmretrieval.models.cret import cret_similarity
+    index = xmr_index(str(out / "best.safetensors"), split="test", out=str(tmp_path / "test.index"))
+    test = load_split(cfg.data, "test")
+    query = test.captions[7]
+    hits = xmr_search(str(index), query, k=5)
+    t, v = model.encode_text([query]), model.embed(test)[1]
+    s = cret_similarity(t, v, model.config.beta)[0]
+    top = s.topk(5)
+    assert [h[0] for h in hits] == [test.visual_ids[i] for i in top.indices.tolist()]
+    assert [h[1] * (1 + model.config.beta) for h in hits] == pytest.approx(top.values.tolist(), abs=1e-4)
     # the console entry point, as a user types it
     assert main(["train", "cret_tiny", "--out", str(tmp_path / "cli"), "--epochs", "1"]) == 0
     assert (tmp_path / "cli" / "metrics.json").exists()
@@ -144,7 +158,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     import subprocess
     import sys
     from xmretrieval.data.core import RetrievalData, save_data
-    from xmretrieval.train import DataConfig, OptimConfig, TrainConfig, read_checkpoint
+    from xmretrieval.checkpoint import DataConfig, OptimConfig, TrainConfig, read_checkpoint
 
     def synthetic(split, n, caps=2, dv=12, dt=8, T=6, Lt=3):
         g = torch.Generator().manual_seed({"train": 0, "val": 1, "test": 2}[split])
