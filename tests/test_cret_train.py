@@ -201,3 +201,23 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     bad = {k: float((comparable(k, a[k]) - comparable(k, b[k])).abs().max()) for k in keys
            if not torch.allclose(comparable(k, a[k]), comparable(k, b[k]), atol=2e-5, rtol=1e-4)}
     assert not bad, bad
+
+
+def test_raw_clips_and_captions_match_the_feature_path(one_thread):
+    "A clip's frames (PIL images) and a caption through encode_visual / encode_text give the stored-feature embeddings."
+    from xmretrieval.data.core import load_benchmark
+    from xmretrieval.data.emoji import benchmark_item
+    from xmretrieval.models.base import text_batch, visual_batch
+    test = load_benchmark("emoji-video", "tiny", "test")
+    cfg = load_config("cret_tiny").model_config_obj(test)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Cret(cfg).eval()
+    items = [0, 3]
+    clips = [benchmark_item("emoji-video", "tiny", "test", i).visual for i in items]
+    assert len(clips[0]) == 16
+    with torch.no_grad():
+        ref_v = model.encode_visual(visual_batch(test, items))
+        ref_t = model.encode_text(text_batch(test, [0, 5, 6]))
+    torch.testing.assert_close(model.encode_visual(clips), ref_v, atol=2e-4, rtol=0)
+    torch.testing.assert_close(model.encode_text([test.captions[j] for j in (0, 5, 6)]), ref_t, atol=2e-4, rtol=0)
