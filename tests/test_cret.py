@@ -326,3 +326,13 @@ def test_bf16_autocast_keeps_the_bound_in_float32_and_the_model_loss_close():
     with fork_rng(0): ref = m(b)["loss"]
     with fork_rng(0), torch.autocast("cpu", dtype=torch.bfloat16): fast = m(b)["loss"]
     assert torch.isfinite(fast) and abs(fast.item() - ref.item()) < 0.05 * abs(ref.item())
+
+
+def test_reproduction_is_registered_and_its_configs_validate():
+    from xmretrieval.reproduce import REPRODUCTIONS
+    run = REPRODUCTIONS["cret"]
+    assert run.__module__ == "xmretrieval.repro.cret" and REPRODUCTIONS.names().index("cret") > REPRODUCTIONS.names().index("dive")
+    from xmretrieval.repro.cret import MAIN_VARIANTS, ablation_variants, cret_config
+    for changes in [*MAIN_VARIANTS.values(), *ablation_variants("full").values()]:
+        CretConfig.from_dict(cret_config("full", **changes).model_config)
+    assert cret_config("quick").data.preset == "tiny" and cret_config("full").data.preset == "full"
