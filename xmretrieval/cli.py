@@ -109,7 +109,7 @@ def xmr_index(checkpoint: Param("a checkpoint file", str),
     model, cfg, _ = load_checkpoint(checkpoint)
     d = load_split(_data_config(data, split, preset, cfg.data), split)
     _, v = model.embed(d, batch_size=cfg.eval_batch_size)
-    Gallery(v, d.visual_ids).save(out)
+    Gallery(model.index_embeddings(v), d.visual_ids).save(out)
     # bound to the bytes of the checkpoint, the index, its ids and the data: `xmr search` refuses any mismatch
     meta = {"xmr_version": xmretrieval.__version__, "checkpoint": str(Path(checkpoint).resolve()), "data": d.name, "split": split,
             "checkpoint_sha256": file_digest(checkpoint), "index_sha256": file_digest(out),
@@ -131,7 +131,7 @@ def xmr_search(index: Param("an index written by `xmr index`", str),
     gallery = Gallery.load(p)
     model, _, _ = load_checkpoint(meta["checkpoint"])
     _warn_long_query(model, query)
-    t = model.encode_text([query])                  # raw caption -> frozen MiniLM features -> model
+    t = model.index_embeddings(model.encode_text([query]))   # raw caption -> frozen MiniLM features -> model
     res = gallery.search(t, k=min(k, len(gallery)))
     hits = [(i, float(s)) for i, s in zip(res.ids[0], res.scores[0])]
     for rank, (i, s) in enumerate(hits, 1): print(f"{rank:>3}  {s:+.4f}  {i}")
