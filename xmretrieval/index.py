@@ -471,7 +471,8 @@ class Gallery:
         self = cls.__new__(cls)
         CertifiedConfig, CertifiedIndex, MilvusConfig, MilvusGallery = _backend_classes()
         if kind == "milvus":
-            self.index, self.ids = MilvusGallery(MilvusConfig.from_dict(header["config"])), None
+            idp = Path(f"{path}.ids.json")              # the ids live in Milvus; the copy beside the file binds it for `xmr search`
+            self.index, self.ids = MilvusGallery(MilvusConfig.from_dict(header["config"])), (json.loads(idp.read_text()) if idp.exists() else None)
             if dim is not None and self.index.dim != dim:
                 raise CheckpointError(f"Milvus gallery {str(path)!r} holds {self.index.dim}-d vectors, expected {dim}-d")
             return self
