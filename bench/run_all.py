@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("retrieval_core", "data_build", "training", "dive")
+BENCHES = ("retrieval_core", "data_build", "training", "dive", "rerank")
 
 
 def main() -> None:

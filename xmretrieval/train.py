@@ -192,6 +192,8 @@ def evaluate(model: RetrievalModel,  # a trained model (unwrapped, not DDP)
             ) -> dict:
     "Retrieval metrics of `model` on `data`: t2v/ and v2t/ R@1, R@5, R@10, MdR, MnR and RSUM."
     from xmretrieval.metrics import retrieval_metrics
+    custom = getattr(model, "evaluate_data", None)   # models that rank otherwise (a cross-encoder) say how
+    if custom is not None: return custom(data, batch_size=batch_size, chunk_size=chunk_size)
     t, v = model.embed(data, batch_size=batch_size)
     return retrieval_metrics(model.score(t, v, chunk_size=chunk_size), data.text_to_visual)
 
