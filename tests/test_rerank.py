@@ -83,6 +83,16 @@ def test_coop_with_k_equal_gallery_size_ranks_as_ce_only(one_thread):
     ce_only = rr.rank(queries)
     assert coop.indices.tolist() == [[r["corpus_id"] for r in row] for row in ce_only]
     assert torch.allclose(coop.scores, torch.tensor([[r["score"] for r in row] for row in ce_only]), atol=1e-5)
+    # the same through Gallery.search(rerank=...), keeping the k best of the K reranked
+    res = Gallery(v, data.visual_ids).search(t[:10], k=5, rerank=rr, k_rerank=data.n_visual, queries=queries)
+    assert res.indices.tolist() == [row[:5] for row in coop.indices.tolist()]
+    # visual-to-text, batched: a gallery of caption embeddings, image queries, the CE reranks each image's top 20
+    rc = CrossEncoderReranker(m, list(data.captions), batch_size=16)
+    r = Gallery(t).search(v[:3], k=4, rerank=rc, k_rerank=20, queries=data.visual_local[:3])
+    top20 = Gallery(t).search(v[:3], k=20).indices
+    ce = rc.score(data.visual_local[:3], top20)
+    for q in range(3):
+        assert r.indices[q].tolist() == top20[q][ce[q].argsort(descending=True)[:4]].tolist()
     # and over the split, in both directions: Coop K=all gives the CE-only metrics; K=3 costs 3 passes per query
     ce = retrieval_metrics(ce_score_matrix(m, data), data.text_to_visual)
     sims = m.score(t, v)
@@ -132,10 +142,10 @@ def test_bad_input_gives_clear_errors():
     with pytest.warns(UserWarning, match="longer than max_text_len=6 tokens were truncated"):
         res = retrieve_and_rerank(gal, q, ["a dog " * 50], rr, k=2)
     assert res.indices.shape == (1, 2)
-    with pytest.raises(ConfigError, match=r"`k`=6 is larger than the gallery \(5 items\)"):
+    with pytest.raises(ShapeError, match=r"`k`=6 is larger than the gallery \(5 items\)"):
         retrieve_and_rerank(gal, q, ["a dog"], rr, k=6)
     for k in (0, -1):
-        with pytest.raises(ConfigError, match="`k` must be a positive int"):
+        with pytest.raises(ShapeError, match="`k` must be a positive int"):
             retrieve_and_rerank(gal, q, ["a dog"], rr, k=k)
     with pytest.raises(ShapeError, match="`items` has visual features of width 12 .* built for width d_visual=8"):
         CrossEncoderReranker(m, torch.randn(5, 3, 12))

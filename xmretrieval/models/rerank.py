@@ -307,6 +307,14 @@ class Reranker:
             out.append(c)
         return out
 
+    def rerank(self, indices: Tensor,   # (nq, K) first-stage candidates (positions in the items), best first
+               scores: Tensor,          # (nq, K) their first-stage scores
+               queries,                 # the raw queries
+               mode: str = "replace", fusion_weight: float = 0.5, query_mask: Tensor | None = None,
+              ) -> tuple[Tensor, Tensor]:
+        "Reorder each query's K candidates by the fused score (`rerank_topk`): (indices, scores), both (nq, K). `Gallery.search(rerank=...)` calls this."
+        return rerank_topk(indices, scores, queries, self, mode, fusion_weight, query_mask)
+
     def rank(self, queries,
              candidates=None,          # per query, positions in the items (None: all items)
              top_k: int | None = None, # keep the best top_k per query (None: all)
@@ -425,14 +433,10 @@ def retrieve_and_rerank(gallery,                 # an xmretrieval.index.Gallery 
                         query_mask: Tensor | None = None,  # (nq, kq) for set galleries
                        ):
     "Coop: the first stage's top-k from `gallery`, reranked by `reranker`: a `SearchResult` of k items per query."
-    from xmretrieval.index import SearchResult
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ConfigError(f"`k` must be a positive int, got {k!r}")
-    if k > len(gallery): raise ConfigError(f"`k`={k} is larger than the gallery ({len(gallery)} items)")
-    if reranker.n_items != len(gallery):
-        raise ShapeError(f"the reranker holds {reranker.n_items} items but the gallery {len(gallery)}: both must hold the same items in the same order")
-    res = gallery.search(query_embeddings, k, query_mask) if query_mask is not None else gallery.search(query_embeddings, k)
-    idx, sc = rerank_topk(res.indices, res.scores, queries, reranker, mode, fusion_weight)
-    return SearchResult(idx, sc, [[gallery.ids[j] for j in row] for row in idx.tolist()])
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ShapeError(f"`k` must be a positive int, got {k!r}")
+    if k > len(gallery): raise ShapeError(f"`k`={k} is larger than the gallery ({len(gallery)} items)")
+    return gallery.search(query_embeddings, k, query_mask, rerank=reranker, k_rerank=k, queries=queries,
+                          rerank_mode=mode, fusion_weight=fusion_weight)
 
 # %% ../../nbs/13_models.rerank.ipynb #c0dc3279
 def ce_score_matrix(model: RerankModel, data,   # a RetrievalData split
