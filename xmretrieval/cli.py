@@ -80,23 +80,39 @@ def xmr_index(checkpoint: Param("a checkpoint file", str),
     d = load_split(_data_config(data, split, preset, cfg.data), split)
     _, v = model.embed(d, batch_size=cfg.eval_batch_size)
     Gallery(v, d.visual_ids).save(out)
-    meta = {"xmr_version": xmretrieval.__version__, "checkpoint": str(Path(checkpoint).resolve()), "data": d.name, "split": split}
+    dc = _data_config(data, split, preset, cfg.data)
+    meta = {"xmr_version": xmretrieval.__version__, "checkpoint": str(Path(checkpoint).resolve()), "data": d.name, "split": split,
+            "data_config": dc.to_dict()}
     with atomic_path(_meta_path(out)) as tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"indexed {d.n_visual} items of {d.name}/{split} -> {out}")
     return out
 
 def xmr_search(index: Param("an index written by `xmr index`", str),
            query: Param("the text query", str),
-           k: Param("number of results", int) = 5):
-    "Search an index with a text query; prints the top-k visual ids and scores."
+           k: Param("number of results", int) = 5,
+           rerank: Param("a cross-encoder checkpoint (model 'rerank', Joint or CE) that rescores the first k_rerank results", str) = None,
+           k_rerank: Param("first-stage results the cross-encoder rescores (K)", int) = 20):
+    "Search an index with a text query; prints the top-k visual ids and scores (optionally reranked by a cross-encoder)."
     p = Path(index)
     if not p.is_file() or not _meta_path(p).is_file():
         raise DataError(f"index {str(p)!r} does not exist (or lacks its {_meta_path(p).name}); write one with `xmr index`")
     meta = json.loads(_meta_path(p).read_text())
     gallery = Gallery.load(p)
-    model, _, _ = load_checkpoint(meta["checkpoint"])
-    t = model.encode_text([query])                  # raw caption -> frozen MiniLM features -> model
-    res = gallery.search(t, k=min(k, len(gallery)))
+    model, cfg, _ = load_checkpoint(meta["checkpoint"])
+    t = model.encode_text([query])                  # raw caption -> the model's text side
+    if rerank is None:
+        res = gallery.search(t, k=min(k, len(gallery)))
+    else:
+        from xmretrieval.models.rerank import CrossEncoderReranker
+        ce, _, _ = load_checkpoint(rerank, model_name="rerank")
+        # the cross-encoder reads the raw items of the indexed split: the same items, in the same order
+        dc = DataConfig.from_dict(meta["data_config"]) if "data_config" in meta else cfg.data
+        d = load_split(dc, meta["split"])
+        if list(d.visual_ids) != list(gallery.ids):
+            raise DataError(f"the split {meta['data']}/{meta['split']} no longer holds the items of index {str(p)!r}; re-run `xmr index`")
+        kk = min(k_rerank, len(gallery))
+        res = gallery.search(t, k=min(k, kk), rerank=CrossEncoderReranker(ce, d.visual_local, d.visual_mask),
+                             k_rerank=kk, queries=[query])
     hits = [(i, float(s)) for i, s in zip(res.ids[0], res.scores[0])]
     for rank, (i, s) in enumerate(hits, 1): print(f"{rank:>3}  {s:+.4f}  {i}")
     return hits
