@@ -115,7 +115,7 @@ def test_padding_has_no_influence(module):
 def test_masks_are_validated():
     blk = AggregationBlock(num_slots=2, dim=4, depth=1, heads=1, head_dim=4)
     x = torch.randn(2, 3, 4)
-    with pytest.raises(ShapeError, match="without any valid input"):
+    with pytest.raises(ShapeError, match="no valid element"):
         blk(x, torch.tensor([[True, False, False], [False, False, False]]))
     with pytest.raises(ShapeError, match="bool"):
         blk(x, torch.ones(2, 3))

@@ -71,3 +71,12 @@ def test_registries_find_models_and_reproductions():
     names = REPRODUCTIONS.names()
     assert names.index("biencoder") < names.index("dive")
     assert REPRODUCTIONS["dive"].__module__ == "xmretrieval.repro.dive"
+
+
+def test_one_registry_class_for_models_reproductions_benchmarks():
+    from xmretrieval.data.core import BENCHMARKS
+    from xmretrieval.models.base import MODELS
+    from xmretrieval.registry import Registry
+    from xmretrieval.reproduce import REPRODUCTIONS
+    assert all(isinstance(r, Registry) for r in (MODELS, REPRODUCTIONS, BENCHMARKS))
+    assert {"emoji-objects", "emoji-scenes", "emoji-video"} <= set(BENCHMARKS.names())

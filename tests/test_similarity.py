@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xmretrieval.core import ShapeError
+from xmretrieval.core import ConfigError, ShapeError
 from xmretrieval.similarity import (SET_SIMILARITIES, candidate_set_similarity, chamfer, cosine, max_sim,
                                     mean_sim, smooth_chamfer)
 
@@ -148,7 +148,7 @@ def test_bad_inputs_name_arguments():
         smooth_chamfer(x, y * 3)
     with pytest.raises(ShapeError, match="x_mask"):
         chamfer(x, y, x_mask=torch.ones(3, 5, dtype=torch.bool))
-    with pytest.raises(ShapeError, match="kind"):
+    with pytest.raises(ConfigError, match="kind"):
         candidate_set_similarity(x, y[None].expand(3, -1, -1, -1), "bogus")
     with pytest.raises(ShapeError, match="`y` must have size 3 on axis 0"):
         candidate_set_similarity(x, y[None].expand(2, -1, -1, -1))

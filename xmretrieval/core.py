@@ -21,7 +21,7 @@ import yaml
 
 # %% auto #0
 __all__ = ['XMRError', 'ShapeError', 'ConfigError', 'DataError', 'CheckpointError', 'check_tensor', 'check_unit_norm',
-           'make_generator', 'seed_everything', 'fork_rng', 'get_device', 'atomic_path', 'Config']
+           'check_mask', 'make_generator', 'seed_everything', 'fork_rng', 'get_device', 'atomic_path', 'Config']
 
 # %% ../nbs/00_core.ipynb #86a36b11
 class XMRError(Exception):
@@ -62,16 +62,41 @@ def check_tensor(x: Any,            # the value to check
         raise ShapeError(f"`{name}` contains NaN or inf values (shape {tuple(x.shape)})")
     return x
 
-def check_unit_norm(x: torch.Tensor, name: str, atol: float = 1e-3) -> torch.Tensor:
-    "Check that the vectors along the last axis of `x` have unit L2 norm."
+# %% ../nbs/00_core.ipynb #b7b55e61
+def check_unit_norm(x: torch.Tensor,                 # vectors along the last axis, any leading shape
+                    name: str,                       # argument name used in the error message
+                    mask: torch.Tensor | None = None,  # bool over the leading axes: only these vectors are checked
+                    atol: float = 1e-3,
+                   ) -> torch.Tensor:
+    "One pass over the norms of `x` (half precision: in float32) rejects NaN/inf and non-unit vectors; raises `ShapeError` naming `name`."
     if x.numel() == 0: return x
-    n = x.detach().float().norm(dim=-1)
-    bad = (n - 1).abs() > atol
-    if bool(bad.any()):
+    low = x.dtype in (torch.float16, torch.bfloat16)      # their norms are computed in float32
+    norms = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32 if low else None)
+    if mask is not None: norms = norms[mask]
+    ok = (norms - 1).abs() <= atol                   # False for NaN and inf too
+    if not bool(ok.all()):
+        if not bool(torch.isfinite(norms).all()):
+            raise ShapeError(f"`{name}` contains NaN or inf values (shape {tuple(x.shape)})")
         raise ShapeError(f"`{name}` must hold unit-norm vectors along its last axis (shape {tuple(x.shape)}); "
-                         f"{int(bad.sum())} vectors have norms in [{n.min():.4g}, {n.max():.4g}]. "
+                         f"{int((~ok).sum())} vectors have norms in [{float(norms.min()):.4g}, {float(norms.max()):.4g}]. "
                          "Normalise with torch.nn.functional.normalize(x, dim=-1).")
     return x
+
+# %% ../nbs/00_core.ipynb #68321435
+def check_mask(mask: torch.Tensor | None,  # bool, True = valid; None passes
+               name: str,                   # argument name used in the error message
+               shape: tuple[int, ...],      # required shape; rows are along the last axis
+              ) -> torch.Tensor | None:
+    "Check a bool mask of shape `shape` in which every row (last axis) has a valid position; raise `ShapeError`."
+    if mask is None: return None
+    if not isinstance(mask, torch.Tensor): raise ShapeError(f"`{name}` must be a bool torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ShapeError(f"`{name}` must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool: raise ShapeError(f"`{name}` must be a bool tensor (True = valid), got {mask.dtype}")
+    if mask.numel() and not bool(mask.any(-1).all()):
+        empty = (~mask.any(-1)).nonzero().tolist()
+        raise ShapeError(f"`{name}` has {len(empty)} rows with no valid element (e.g. {empty[:3]}); every row needs one")
+    return mask
 
 # %% ../nbs/00_core.ipynb #55ed4d8b
 def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:

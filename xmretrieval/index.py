@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .core import (CheckpointError, Config, ConfigError, ShapeError, atomic_path, check_tensor,
+from .core import (CheckpointError, Config, ConfigError, ShapeError, atomic_path, check_mask, check_tensor,
                               check_unit_norm, make_generator)
 from .similarity import SET_SIMILARITIES, candidate_set_similarity, check_unit_vectors
 
@@ -87,7 +87,7 @@ def _as_f32(x: Tensor, name: str, dim: int | None, normalized: bool) -> np.ndarr
 
 def _check_k(k, n: int, what: str = "the index") -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ShapeError(f"`k` must be a positive int, got {k!r}")
+        raise ConfigError(f"`k` must be a positive int, got {k!r}")
     if n == 0: raise ShapeError(f"{what} is empty: add vectors before searching")
     if k > n: raise ShapeError(f"`k`={k} is larger than {what} ({n} items)")
     return int(k)
@@ -274,10 +274,7 @@ class SetEmbeddingIndex:
             raise ShapeError(f"`sets` has element dimension {sets.shape[2]} (shape {tuple(sets.shape)}), the index holds {self.dim}-d")
         if len(self) and sets.shape[1] != self.sets.shape[1]:
             raise ShapeError(f"`sets` has K={sets.shape[1]} but the index holds sets of K={self.sets.shape[1]}")
-        if mask is not None:
-            check_tensor(mask, "mask", ndim=2, dims={0: sets.shape[0], 1: sets.shape[1]})
-            if mask.dtype != torch.bool or not bool(mask.any(1).all()):
-                raise ShapeError("`mask` must be bool with at least one valid element per set")
+        check_mask(mask, "mask", sets.shape[:2])
         sets = sets.detach().float().cpu()
         valid = torch.ones(sets.shape[:2], dtype=torch.bool) if mask is None else mask.cpu()
         check_unit_vectors(sets, "sets", valid)
@@ -317,10 +314,7 @@ class SetEmbeddingIndex:
         if queries.shape[2] != self.dim:
             raise ShapeError(f"`queries` has element dimension {queries.shape[2]} (shape {tuple(queries.shape)}), the index holds {self.dim}-d")
         k = _check_k(k, len(self))
-        if query_mask is not None:
-            check_tensor(query_mask, "query_mask", ndim=2, dims={0: queries.shape[0], 1: queries.shape[1]})
-            if query_mask.dtype != torch.bool or not bool(query_mask.any(1).all()):
-                raise ShapeError("`query_mask` must be bool with at least one valid element per set")
+        check_mask(query_mask, "query_mask", queries.shape[:2])
         queries = queries.detach().float().cpu()
         check_unit_vectors(queries, "queries", query_mask)
         cand = self.candidates(queries, query_mask)

@@ -15,8 +15,9 @@ from torch import Tensor
 from .core import ConfigError, DataError, ShapeError, check_tensor
 
 # %% auto #0
-__all__ = ['MEDR_CONVENTIONS', 'RECALL_KS', 'PROTOCOLS', 'retrieval_ranks', 'metrics_from_ranks', 'retrieval_metrics',
-           'chunked_retrieval_metrics', 'fold_metrics', 'protocol_metrics', 'aggregate_seeds', 'format_mean_std']
+__all__ = ['MEDR_CONVENTIONS', 'RECALL_KS', 'PROTOCOLS', 'TABLE_KEYS', 'retrieval_ranks', 'metrics_from_ranks',
+           'retrieval_metrics', 'chunked_retrieval_metrics', 'fold_metrics', 'protocol_metrics', 'markdown_table',
+           'aggregate_seeds', 'format_mean_std']
 
 # %% ../nbs/02_metrics.ipynb #4934b091
 MEDR_CONVENTIONS = ("floor", "plain")
@@ -190,6 +191,29 @@ def protocol_metrics(sims: Tensor,            # (n_text, n_visual) scores of the
                         f"(got {len(t2v)} captions for {sims.shape[1]} videos)")
     if protocol == "coco-1k": return fold_metrics(sims, t2v, 1000, medr, chunk_size=chunk_size)
     return retrieval_metrics(sims, t2v, medr, chunk_size=chunk_size)
+
+# %% ../nbs/02_metrics.ipynb #0a911723
+TABLE_KEYS = ("t2v/R@1", "t2v/R@5", "t2v/R@10", "t2v/MdR", "v2t/R@1", "v2t/R@5", "v2t/R@10", "v2t/MdR", "RSUM")
+
+def _cell(x, digits: int) -> str:
+    if isinstance(x, (list, tuple)) and len(x) == 2: return f"{x[0]:.{digits}f} ± {x[1]:.{digits}f}"
+    if isinstance(x, float): return f"{x:.{digits}f}"
+    return str(x)
+
+def markdown_table(rows: dict[str, dict] | Sequence[dict],  # row name -> {column: value}, or rows without a name column
+                   keys: Sequence[str] | None = TABLE_KEYS,  # columns in order (None: every key, first seen first)
+                   digits: int = 1,                          # decimals of floats and (mean, std) pairs
+                   left: Sequence[str] = (),                 # columns aligned left (the others right, as numbers)
+                  ) -> str:
+    "A markdown table of strings (kept), ints, floats (`digits` decimals) and (mean, std) pairs ('mean ± std')."
+    named = isinstance(rows, dict)
+    body = list(rows.values()) if named else list(rows)
+    keys = list(dict.fromkeys(k for r in body for k in r)) if keys is None else list(keys)
+    lines = [("| | " if named else "| ") + " | ".join(keys) + " |",
+             ("|---|" if named else "|") + "".join("---|" if k in left else "---:|" for k in keys)]
+    for name, r in zip(rows if named else [None] * len(body), body):
+        lines.append(("| " + str(name) + " | " if named else "| ") + " | ".join(_cell(r[k], digits) if k in r else "" for k in keys) + " |")
+    return "\n".join(lines)
 
 # %% ../nbs/02_metrics.ipynb #90d2cc04
 def aggregate_seeds(runs: Sequence[dict[str, float]],  # one metric dict per seed

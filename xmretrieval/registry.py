@@ -21,18 +21,19 @@ class Registry:
     "Names -> objects, filled by the `register` decorator; the modules of `package` are imported on demand."
     _registries: dict[str, "Registry"] = {}     # one registry per kind, process-wide
 
-    def __new__(cls, kind: str, package: str | None = None):
+    def __new__(cls, kind: str, package: str | None = None, error: type = ConfigError):
         "The registry of `kind`: created once, the same object on every later call (a notebook and its module share it)."
         if kind not in cls._registries: cls._registries[kind] = super().__new__(cls)
         return cls._registries[kind]
 
     def __init__(self, kind: str,                # what is registered, used in messages ("model", "reproduction")
                  package: str | None = None,     # package whose modules register entries when imported
+                 error: type = ConfigError,      # raised for an unknown name (an XMRError subclass)
                 ):
         if hasattr(self, "_items"):               # an existing registry: keep its entries
             if package != self.package: raise ConfigError(f"the {kind} registry reads package {self.package!r}, not {package!r}")
             return
-        self.kind, self.package = kind, package
+        self.kind, self.package, self.error = kind, package, error
         self._items: dict[str, Any] = {}
         self._meta: dict[str, dict] = {}
         self._scanned = False
@@ -61,7 +62,7 @@ class Registry:
 @patch
 def __getitem__(self: Registry, name: str) -> Any:
     if name not in self._items: self._import(name)
-    if name not in self._items: raise ConfigError(f"unknown {self.kind} {name!r}; registered: {self.names()}")
+    if name not in self._items: raise self.error(f"unknown {self.kind} {name!r}; registered: {self.names()}")
     return self._items[name]
 
 @patch
@@ -80,6 +81,12 @@ def meta(self: Registry, name: str) -> dict:
 def __contains__(self: Registry, name: str) -> bool:
     if name not in self._items: self._import(name)
     return name in self._items
+
+@patch
+def pop(self: Registry, name: str, default=None):
+    "Remove `name` (tests that register temporary entries); returns its object or `default`."
+    self._meta.pop(name, None)
+    return self._items.pop(name, default)
 
 @patch
 def __iter__(self: Registry): return iter(self.names())

@@ -17,7 +17,8 @@ from fastcore.script import Param, call_parse
 from tqdm.auto import tqdm
 
 from .core import ConfigError, atomic_path
-from .data.core import BENCHMARK_MODULES, get_benchmark, load_benchmark
+from .data.core import BENCHMARKS, get_benchmark, load_benchmark
+from .metrics import markdown_table
 from .registry import Registry
 
 # %% auto #0
@@ -44,7 +45,7 @@ def build_benchmarks(mode: str = "full",                  # "full" builds the fu
     if mode not in MODES: raise ConfigError(f"`mode` must be one of {MODES}, got {mode!r}")
     preset = "full" if mode == "full" else "tiny"
     rows = []
-    names = names or list(BENCHMARK_MODULES)
+    names = names or BENCHMARKS.names()
     for name in tqdm(names, desc=f"benchmarks ({preset})"):
         for split in get_benchmark(name).splits:
             t0 = time.perf_counter()
@@ -52,12 +53,11 @@ def build_benchmarks(mode: str = "full",                  # "full" builds the fu
             rows.append({"benchmark": name, "preset": preset, "split": split, "n_visual": d.n_visual,
                          "n_text": d.n_text, "visual_local": list(d.visual_local.shape[1:]),
                          "seconds": round(time.perf_counter() - t0, 1)})
-    md = ["## Embedded benchmarks", "",
-          "| benchmark | preset | split | visual items | captions | local features | load/build s |",
-          "|---|---|---|---:|---:|---|---:|"]
-    md += [f"| {r['benchmark']} | {r['preset']} | {r['split']} | {r['n_visual']} | {r['n_text']} | "
-           f"{' x '.join(map(str, r['visual_local']))} | {r['seconds']} |" for r in rows]
-    md += ["", "Build times include feature extraction on first use; a cached split loads in about a second."]
+    table = [{"benchmark": r["benchmark"], "preset": r["preset"], "split": r["split"], "visual items": r["n_visual"],
+              "captions": r["n_text"], "local features": " x ".join(map(str, r["visual_local"])), "load/build s": r["seconds"]}
+             for r in rows]
+    md = ["## Embedded benchmarks", "", markdown_table(table, keys=None, left=("benchmark", "preset", "split", "local features")),
+          "", "Build times include feature extraction on first use; a cached split loads in about a second."]
     out_dir = Path(out_dir)
     with atomic_path(out_dir/"benchmarks.json") as tmp: tmp.write_text(json.dumps(rows, indent=2) + "\n")
     with atomic_path(out_dir/"benchmarks.md") as tmp: tmp.write_text("\n".join(md) + "\n")

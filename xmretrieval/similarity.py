@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import ShapeError, check_tensor, check_unit_norm
+from .core import ConfigError, ShapeError, check_mask, check_tensor, check_unit_norm
+from .encoders import masked_mean
 
 # %% auto #0
-__all__ = ['SET_SIMILARITIES', 'cosine', 'check_unit_vectors', 'smooth_chamfer', 'chamfer', 'max_sim', 'mean_sim',
-           'candidate_set_similarity']
+__all__ = ['check_unit_vectors', 'SET_SIMILARITIES', 'SET_SIMILARITY_NAMES', 'cosine', 'smooth_chamfer', 'chamfer', 'max_sim',
+           'mean_sim', 'candidate_set_similarity', 'mp_similarity']
 
 # %% ../nbs/01_similarity.ipynb #4a7fae3d
 def cosine(x: Tensor,  # queries, (n, d)
@@ -35,35 +36,7 @@ def cosine(x: Tensor,  # queries, (n, d)
 _SHIFT_FREE_MAX_ALPHA = 40.0   # exp(alpha * s) for |s| <= 1 stays a normal fp32 number well beyond this
 _DEFAULT_BLOCK = 2 ** 23       # entries of the (n, kx, c, ky) block when chunk_size is None (32 MiB in fp32)
 
-def check_unit_vectors(x: Tensor,               # vectors along the last axis, any leading shape
-                       name: str,               # argument name for the message
-                       mask: Tensor | None = None,  # bool over the leading axes: only these vectors are checked
-                       atol: float = 1e-3,
-                      ) -> Tensor:
-    "One pass over `x` (its norms) to reject NaN/inf and non-unit vectors; raises `ShapeError` naming `name`."
-    if x.numel() == 0: return x
-    norms = torch.linalg.vector_norm(x.detach(), dim=-1)
-    if mask is not None: norms = norms[mask]
-    ok = (norms - 1).abs() <= atol                   # False for NaN and inf too
-    if not bool(ok.all()):
-        if not bool(torch.isfinite(norms).all()):
-            raise ShapeError(f"`{name}` contains NaN or inf values (shape {tuple(x.shape)})")
-        raise ShapeError(f"`{name}` must hold unit-norm vectors along its last axis (shape {tuple(x.shape)}); "
-                         f"{int((~ok).sum())} vectors have norms in [{float(norms.min()):.4g}, {float(norms.max()):.4g}]. "
-                         "Normalise with torch.nn.functional.normalize(x, dim=-1).")
-    return x
-
-def _check_mask(mask, name: str, shape: tuple) -> Tensor | None:
-    if mask is None: return None
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise ShapeError(f"`{name}` must be a bool tensor of shape {shape} (True = valid), got "
-                         f"{type(mask).__name__ if not isinstance(mask, Tensor) else mask.dtype}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ShapeError(f"`{name}` must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    if mask.numel() and not bool(mask.any(-1).all()):
-        raise ShapeError(f"`{name}` has {int((~mask.any(-1)).sum())} sets with no valid element; "
-                         "every set needs at least one")
-    return mask
+check_unit_vectors = check_unit_norm   # the name this module's callers use; defined in `xmretrieval.core`
 
 def _check_sets(x, y, x_mask, y_mask, check: bool):
     "Validate a pair of set batches; return the masks (None when absent or all-valid is not worth checking)."
@@ -74,7 +47,7 @@ def _check_sets(x, y, x_mask, y_mask, check: bool):
     if x.shape[1] == 0 or y.shape[1] == 0:
         raise ShapeError(f"sets must have at least one element: `x` {tuple(x.shape)}, `y` {tuple(y.shape)}")
     if x.dtype != y.dtype: raise ShapeError(f"`x` ({x.dtype}) and `y` ({y.dtype}) must have the same dtype")
-    x_mask = _check_mask(x_mask, "x_mask", x.shape[:2]); y_mask = _check_mask(y_mask, "y_mask", y.shape[:2])
+    x_mask = check_mask(x_mask, "x_mask", x.shape[:2]); y_mask = check_mask(y_mask, "y_mask", y.shape[:2])
     check_unit_vectors(x, "x", x_mask); check_unit_vectors(y, "y", y_mask)
     return x_mask, y_mask
 
@@ -143,7 +116,7 @@ def _reduce_max(s, xm, ym, inplace: bool) -> Tensor:
 def _auto_chunk(n: int, kx: int, ky: int, chunk_size: int | None) -> int:
     if chunk_size is None: return max(1, _DEFAULT_BLOCK // max(1, n * kx * ky))
     if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ShapeError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
+        raise ConfigError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
     return chunk_size
 
 def _chunked_sets(reduce: Callable, x: Tensor, y: Tensor, x_mask, y_mask, chunk_size, scale: float = 1.0) -> Tensor:
@@ -182,7 +155,7 @@ def smooth_chamfer(x: Tensor,            # query sets of unit vectors, (n, kx, d
                   ) -> Tensor:                       # (n, m) Smooth-Chamfer similarities
     "DivE's Smooth-Chamfer similarity of every query set with every gallery set."
     if not (isinstance(alpha, (int, float)) and alpha > 0):
-        raise ShapeError(f"`alpha` must be a positive number, got {alpha!r}")
+        raise ConfigError(f"`alpha` must be a positive number, got {alpha!r}")
     x_mask, y_mask = _check_sets(x, y, x_mask, y_mask, check)
     alpha = float(alpha)
     red = lambda s, xm, ym, inplace, pre: _reduce_smooth_chamfer(s, xm, ym, alpha, inplace, pre)
@@ -209,9 +182,7 @@ def max_sim(x: Tensor,            # query sets of unit vectors, (n, kx, d)
                          x, y, x_mask, y_mask, chunk_size)
 
 def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
-    if mask is None: return x.mean(1)
-    w = mask.to(x.dtype)
-    return (x * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+    return x.mean(1) if mask is None else masked_mean(x, mask)
 
 def mean_sim(x: Tensor,            # query sets of unit vectors, (n, kx, d)
              y: Tensor,            # gallery sets of unit vectors, (m, ky, d)
@@ -237,11 +208,11 @@ def candidate_set_similarity(x: Tensor,      # query sets, (n, kx, d)
                             ) -> Tensor:     # (n, c): score of query i with its candidate j
     "Set similarity of each query with its own candidate sets (the second stage of set search)."
     if kind not in SET_SIMILARITIES:
-        raise ShapeError(f"`kind` must be one of {sorted(SET_SIMILARITIES)}, got {kind!r}")
+        raise ConfigError(f"`kind` must be one of {sorted(SET_SIMILARITIES)}, got {kind!r}")
     if check:
         check_tensor(x, "x", ndim=3); check_tensor(y, "y", ndim=4, dims={0: x.shape[0], 3: x.shape[2]})
         _check_sets(x, y.reshape(-1, *y.shape[2:]), x_mask,
-                    None if y_mask is None else _check_mask(y_mask, "y_mask", y.shape[:3]).reshape(-1, y.shape[2]), True)
+                    None if y_mask is None else check_mask(y_mask, "y_mask", y.shape[:3]).reshape(-1, y.shape[2]), True)
     n, kx, d = x.shape; _, c, ky, _ = y.shape
     if kind == "mean_sim":
         return torch.einsum("nd,ncd->nc", _masked_mean(x, x_mask), _masked_mean(y.reshape(n * c, ky, d),
@@ -250,3 +221,24 @@ def candidate_set_similarity(x: Tensor,      # query sets, (n, kx, d)
     if kind == "smooth_chamfer": return _reduce_smooth_chamfer(s, x_mask, y_mask, float(alpha), False, False)
     if kind == "chamfer": return _reduce_chamfer(s, x_mask, y_mask, False)
     return _reduce_max(s, x_mask, y_mask, False)
+
+# %% ../nbs/01_similarity.ipynb #cc770c1b
+SET_SIMILARITY_NAMES = (*SET_SIMILARITIES, "mp")
+
+def mp_similarity(x: Tensor,                 # sets of unit vectors, (n, kx, d)
+                  y: Tensor,                 # sets of unit vectors, (m, ky, d)
+                  a: Tensor, b: Tensor,      # scale and shift of the sigmoid (scalars, learned)
+                  x_mask: Tensor | None = None, y_mask: Tensor | None = None,  # (n, kx) / (m, ky) bool
+                  chunk_size: int = 1024,    # rows of x per chunk
+                 ) -> Tensor:                # (n, m)
+    "Match-probability similarity: mean over valid pairs of sigmoid(a * <x_i, y_j> + b)."
+    check_tensor(x, "x", ndim=3); check_tensor(y, "y", ndim=3, dims={2: x.shape[2]})
+    check_mask(x_mask, "x_mask", x.shape[:2]); check_mask(y_mask, "y_mask", y.shape[:2])
+    xm = (torch.ones(x.shape[:2], device=x.device) if x_mask is None else x_mask).to(x.dtype)
+    ym = (torch.ones(y.shape[:2], device=y.device) if y_mask is None else y_mask).to(y.dtype)
+    out = []
+    for s in range(0, x.shape[0], chunk_size):
+        cos = torch.einsum("nid,mjd->nmij", x[s:s + chunk_size], y)
+        w = xm[s:s + chunk_size, None, :, None] * ym[None, :, None, :]
+        out.append((torch.sigmoid(a * cos + b) * w).sum((-1, -2)) / w.sum((-1, -2)))
+    return torch.cat(out)

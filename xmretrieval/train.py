@@ -26,12 +26,13 @@ import xmretrieval
 from .core import (CheckpointError, Config, ConfigError, DataError, XMRError, atomic_path, fork_rng,
                               get_device, make_generator, seed_everything)
 from .models.base import RetrievalModel, batch_to, get_model_class, make_batch
+from .metrics import TABLE_KEYS, aggregate_seeds, format_mean_std, markdown_table
 from .checkpoint import (CHECKPOINT_FORMAT, PRESETS_DIR, DataConfig, OptimConfig, TrainConfig, _load_weights,
                                     evaluate, load_checkpoint, load_config, load_split, read_checkpoint, save_checkpoint)
 
 # %% auto #0
-__all__ = ['TABLE_KEYS', 'epoch_batches', 'shard_batch', 'param_groups', 'lr_factor', 'TrainingError', 'init_distributed',
-           'peak_memory_mb', 'Trainer', 'markdown_table', 'train_seeds']
+__all__ = ['epoch_batches', 'shard_batch', 'param_groups', 'lr_factor', 'TrainingError', 'init_distributed', 'peak_memory_mb',
+           'Trainer', 'train_seeds']
 
 # %% ../nbs/08_train.ipynb #78041996
 def epoch_batches(text_to_visual: Tensor,   # (n_text,) item of each caption
@@ -292,15 +293,6 @@ class Trainer:
         return summary
 
 # %% ../nbs/08_train.ipynb #b683ffa4
-TABLE_KEYS = ("t2v/R@1", "t2v/R@5", "t2v/R@10", "t2v/MdR", "v2t/R@1", "v2t/R@5", "v2t/R@10", "v2t/MdR", "RSUM")
-
-def markdown_table(rows: dict[str, dict[str, str]],  # row name -> {metric: formatted value}
-                   keys: tuple[str, ...] = TABLE_KEYS) -> str:
-    "A markdown table, one row per entry of `rows`, one column per metric in `keys`."
-    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    lines += [f"| {name} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for name, r in rows.items()]
-    return "\n".join(lines)
-
 def train_seeds(config: TrainConfig,
                 seeds: list[int],                      # e.g. [0, 1, 2]
                 out_dir: str | os.PathLike,            # one sub-folder per seed + summary.json/.md + config.json
@@ -308,7 +300,6 @@ def train_seeds(config: TrainConfig,
                 **data,                                # train_data/val_data/test_data (default: from config.data)
                ) -> dict:
     "Train `config` once per seed; return {'runs': [...], 'mean_std': {metric: (mean, std)}, 'table': markdown}."
-    from xmretrieval.metrics import aggregate_seeds, format_mean_std
     if not seeds: raise ConfigError("`seeds` must name at least one seed")
     out_dir = Path(out_dir)
     runs = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,21 +18,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..core import DataError, ShapeError, atomic_path, check_tensor
+from ..core import DataError, ShapeError, atomic_path, check_mask, check_tensor
+from ..registry import Registry
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'BENCHMARKS', 'BENCHMARK_MODULES', 'RetrievalData', 'config_digest', 'save_data', 'read_manifest',
-           'load_data', 'Benchmark', 'register_benchmark', 'default_cache_dir', 'get_benchmark', 'benchmark_path',
-           'load_benchmark']
+__all__ = ['FORMAT_VERSION', 'BENCHMARKS', 'RetrievalData', 'config_digest', 'save_data', 'read_manifest', 'load_data',
+           'Benchmark', 'register_benchmark', 'default_cache_dir', 'get_benchmark', 'benchmark_path', 'load_benchmark']
 
 # %% ../../nbs/04_data.core.ipynb #3d362deb
-def _check_mask(m, name: str, n: int, L: int) -> Tensor:
-    check_tensor(m, name, ndim=2, dims={0: n, 1: L})
-    if m.dtype != torch.bool: raise ShapeError(f"`{name}` must be a bool tensor (True = valid), got {m.dtype}")
-    if m.numel() and not bool(m.any(1).all()):
-        raise ShapeError(f"`{name}` has {int((~m.any(1)).sum())} rows with no valid position (shape {tuple(m.shape)})")
-    return m
-
 @dataclass
 class RetrievalData:
     "One split of one dataset with precomputed visual and text features; validated on construction."
@@ -62,7 +54,7 @@ class RetrievalData:
         d = self.visual_global.shape[1]
         check_tensor(self.visual_local, p + "visual_local", ndim=3, dims={0: n, 2: d})
         if self.visual_mask is not None:
-            _check_mask(self.visual_mask, p + "visual_mask", n, self.visual_local.shape[1])
+            check_mask(self.visual_mask, p + "visual_mask", (n, self.visual_local.shape[1]))
         if not isinstance(self.captions, list) or not all(isinstance(c, str) for c in self.captions):
             raise DataError(f"`{p}captions` must be a list of str")
         m = len(self.captions)
@@ -79,7 +71,7 @@ class RetrievalData:
             if self.text_global is not None and self.text_global.shape[1] != self.text_local.shape[2]:
                 raise ShapeError(f"`{p}text_global` {tuple(self.text_global.shape)} and `{p}text_local` "
                                  f"{tuple(self.text_local.shape)} must share the feature size")
-            _check_mask(self.text_mask, p + "text_mask", m, self.text_local.shape[1])
+            check_mask(self.text_mask, p + "text_mask", (m, self.text_local.shape[1]))
 
     @property
     def n_visual(self) -> int: return len(self.visual_ids)
@@ -193,15 +185,12 @@ class Benchmark:
     build: Callable[[str, str], RetrievalData]
     splits: tuple[str, ...] = ("train", "val", "test")
 
-BENCHMARKS: dict[str, Benchmark] = {}
-# modules that register the built-in benchmarks, imported on first use
-BENCHMARK_MODULES = {"emoji-objects": "xmretrieval.data.emoji", "emoji-scenes": "xmretrieval.data.emoji",
-                     "emoji-video": "xmretrieval.data.emoji"}
+BENCHMARKS = Registry("benchmark", package="xmretrieval.data", error=DataError)
+"Every benchmark by name; the modules of `xmretrieval.data` (e.g. `data.emoji`) register theirs when imported."
 
 def register_benchmark(b: Benchmark) -> Benchmark:
     "Add `b` to `BENCHMARKS` (replacing one of the same name)."
-    BENCHMARKS[b.name] = b
-    return b
+    return BENCHMARKS.register(b.name)(b)
 
 def default_cache_dir() -> Path:
     "The cache folder: `$XMR_CACHE`, or `~/.cache/xmretrieval`."
@@ -209,9 +198,6 @@ def default_cache_dir() -> Path:
 
 def get_benchmark(name: str) -> Benchmark:
     "The registered benchmark `name` (importing the module that defines it if needed)."
-    if name not in BENCHMARKS and name in BENCHMARK_MODULES: importlib.import_module(BENCHMARK_MODULES[name])
-    if name not in BENCHMARKS:
-        raise DataError(f"unknown benchmark {name!r}; known: {sorted(set(BENCHMARKS) | set(BENCHMARK_MODULES))}")
     return BENCHMARKS[name]
 
 def benchmark_path(name: str, preset: str, split: str, cache_dir: str | os.PathLike | None = None) -> Path:

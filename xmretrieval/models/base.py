@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..core import Config, ConfigError, DataError, ShapeError, check_tensor
+from ..encoders import masked_mean
 from ..registry import Registry
 
 # %% auto #0
@@ -144,8 +145,7 @@ def visuals_batch(visuals: Sequence,                  # n PIL images, or n clips
             rows = list(torch.stack([g.mean(0) for g in frames]).split([len(v) for v in visuals]))
         else: rows = _grids(visuals, cfg)
         local, mask = _pad(rows)
-        b.update(visual_local=local, visual_mask=mask,
-                 visual_global=(local * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+        b.update(visual_local=local, visual_mask=mask, visual_global=masked_mean(local, mask))
     if keys is not None and "images" in keys: b["images"] = images_to_tensor(visuals)
     return b
 

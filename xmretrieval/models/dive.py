@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Config, ConfigError, ShapeError, check_tensor
+from ..core import Config, ConfigError, ShapeError, check_mask, check_tensor
+from ..encoders import masked_max, masked_mean
 from ..losses import triplet_from_sims
 from .base import RetrievalModel, gather_embeddings, register_model
-from ..similarity import SET_SIMILARITIES
+from ..similarity import SET_SIMILARITIES, SET_SIMILARITY_NAMES, mp_similarity
 
 # %% auto #0
-__all__ = ['ATTENTION_MODES', 'SIMILARITY_NAMES', 'ARCHS', 'attention_weights', 'CrossAttention', 'FeedForward', 'check_mask',
-           'AggregationBlock', 'sine_positions', 'SetPredictionModule', 'PIENet', 'mp_similarity', 'SetSimilarity',
-           'mmd_loss', 'uniformity_loss', 'DiveLossConfig', 'dive_loss', 'set_log_variance', 'DiveConfig',
-           'drop_inputs', 'DivE']
+__all__ = ['ATTENTION_MODES', 'ARCHS', 'attention_weights', 'CrossAttention', 'FeedForward', 'AggregationBlock', 'sine_positions',
+           'SetPredictionModule', 'PIENet', 'SetSimilarity', 'mmd_loss', 'uniformity_loss', 'DiveLossConfig',
+           'dive_loss', 'set_log_variance', 'DiveConfig', 'drop_inputs', 'DivE']
 
 # %% ../../nbs/11_models.dive.ipynb #24dbda79
 ATTENTION_MODES = ("slot", "transformer")
@@ -85,17 +85,6 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(dim, mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * dim, dim))
 
 # %% ../../nbs/11_models.dive.ipynb #4ec6c485
-def check_mask(mask: Tensor | None, name: str, shape: tuple[int, int]) -> Tensor | None:
-    "Validate a (B, L) bool mask of valid inputs; every sample needs at least one valid input."
-    if mask is None: return None
-    check_tensor(mask, name, ndim=2)
-    if tuple(mask.shape) != tuple(shape):
-        raise ShapeError(f"`{name}` must have shape {tuple(shape)} (batch, inputs), got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool: raise ShapeError(f"`{name}` must be a bool tensor (True = valid), got {mask.dtype}")
-    if not bool(mask.any(dim=1).all()):
-        raise ShapeError(f"`{name}` has samples without any valid input (rows {mask.any(1).logical_not().nonzero().flatten().tolist()[:5]})")
-    return mask
-
 class AggregationBlock(nn.Module):
     "K learned slots aggregate the inputs through one shared pre-norm attention block applied `depth` times."
     def __init__(self, num_slots: int = 4,        # K, size of the embedding set
@@ -199,35 +188,13 @@ class PIENet(nn.Module):
         return F.normalize(out, dim=-1), residual, attn[:, None]
 
 # %% ../../nbs/11_models.dive.ipynb #facb84d1
-SIMILARITY_NAMES = ("smooth_chamfer", "chamfer", "max_sim", "mean_sim", "mp")
-
-def _valid(x_mask, n, k, device):
-    return torch.ones(n, k, dtype=torch.bool, device=device) if x_mask is None else x_mask
-
-def mp_similarity(x: Tensor,                 # set of unit vectors, (n, kx, d)
-                  y: Tensor,                 # set of unit vectors, (m, ky, d)
-                  a: Tensor, b: Tensor,      # scale and shift of the sigmoid (scalars)
-                  x_mask: Tensor | None = None, y_mask: Tensor | None = None,  # (n, kx) / (m, ky) bool
-                  chunk_size: int = 1024,    # rows of x per chunk
-                 ) -> Tensor:                # (n, m)
-    "Match-probability similarity: mean over valid pairs of sigmoid(a * <x_i, y_j> + b)."
-    check_tensor(x, "x", ndim=3); check_tensor(y, "y", ndim=3, dims={2: x.shape[2]})
-    xm = _valid(x_mask, *x.shape[:2], x.device).to(x.dtype)
-    ym = _valid(y_mask, *y.shape[:2], y.device).to(y.dtype)
-    out = []
-    for s in range(0, x.shape[0], chunk_size):
-        cos = torch.einsum("nid,mjd->nmij", x[s:s + chunk_size], y)
-        w = xm[s:s + chunk_size, None, :, None] * ym[None, :, None, :]
-        out.append((torch.sigmoid(a * cos + b) * w).sum((-1, -2)) / w.sum((-1, -2)))
-    return torch.cat(out)
-
 class SetSimilarity(nn.Module):
     "A set-to-set similarity by name; `mp` carries its learnable sigmoid parameters."
-    def __init__(self, name: str = "smooth_chamfer",  # one of SIMILARITY_NAMES
+    def __init__(self, name: str = "smooth_chamfer",  # one of SET_SIMILARITY_NAMES
                  alpha: float = 16.0,                  # Smooth-Chamfer temperature
                  chunk_size: int = 256):               # rows of the first set per chunk (evaluation)
         super().__init__()
-        if name not in SIMILARITY_NAMES: raise ConfigError(f"similarity must be one of {SIMILARITY_NAMES}, got {name!r}")
+        if name not in SET_SIMILARITY_NAMES: raise ConfigError(f"similarity must be one of {SET_SIMILARITY_NAMES}, got {name!r}")
         self.name, self.alpha, self.chunk_size = name, alpha, chunk_size
         if name == "mp": self.a, self.b = nn.Parameter(torch.ones(())), nn.Parameter(torch.zeros(()))
 
@@ -313,7 +280,7 @@ class DiveConfig(Config):
     faithful_padding: bool = False    # reproduce the official code's padding leak
     text_pos_encoding: str = "sine"   # key positional encoding of the text SPM
     visual_pos_encoding: str = "none" # key positional encoding of the visual SPM
-    similarity: str = "smooth_chamfer"  # one of SIMILARITY_NAMES
+    similarity: str = "smooth_chamfer"  # one of SET_SIMILARITY_NAMES
     alpha: float = 16.0               # Smooth-Chamfer temperature
     loss: DiveLossConfig = dataclasses.field(default_factory=DiveLossConfig)
     token_drop: float = 0.2           # training-time drop probability of each token feature
@@ -322,8 +289,8 @@ class DiveConfig(Config):
 
     def __post_init__(self):
         if self.arch not in ARCHS: raise ConfigError(f"DiveConfig.arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.similarity not in SIMILARITY_NAMES:
-            raise ConfigError(f"DiveConfig.similarity must be one of {SIMILARITY_NAMES}, got {self.similarity!r}")
+        if self.similarity not in SET_SIMILARITY_NAMES:
+            raise ConfigError(f"DiveConfig.similarity must be one of {SET_SIMILARITY_NAMES}, got {self.similarity!r}")
         if not (0 <= self.token_drop < 1 and 0 <= self.region_drop < 1):
             raise ConfigError(f"token_drop and region_drop must be in [0, 1), got {self.token_drop}, {self.region_drop}")
 
@@ -373,7 +340,7 @@ class DivE(RetrievalModel):
         check_mask(mask, "visual_mask", local.shape[:2])
         if self.training: mask = drop_inputs(mask, self.config.region_drop)
         x = self.visual_proj(local)
-        return self.visual_spm(x, _masked_max(x, mask), mask)
+        return self.visual_spm(x, masked_max(x, mask), mask)
 
     def encode_text_set(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         "Text sets (B_t, K, D), residual slots (B_t, K, D) and attention over the tokens (B_t, heads, K, Lt)."
@@ -384,7 +351,7 @@ class DivE(RetrievalModel):
         if mask is None: mask = torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)
         check_mask(mask, "text_mask", local.shape[:2])
         glob = batch.get("text_global")
-        if glob is None: glob = (local * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        if glob is None: glob = masked_mean(local, mask)
         if self.training: mask = drop_inputs(mask, self.config.token_drop)
         return self.text_spm(local, self.text_proj(glob), mask)
 

@@ -15,9 +15,9 @@ import torch
 
 from ..checkpoint import load_config
 from ..core import ConfigError, atomic_path
-from ..metrics import format_mean_std
+from ..metrics import format_mean_std, markdown_table
 from ..reproduce import register_reproduction
-from ..train import markdown_table, train_seeds
+from ..train import train_seeds
 
 # %% auto #0
 __all__ = ['BASELINE_BENCHMARKS', 'BASELINE_LOSSES', 'LOSS_NAMES', 'baseline_config', 'run_baseline']

@@ -21,7 +21,7 @@ from sklearn.manifold import TSNE
 from ..checkpoint import evaluate, load_checkpoint, load_config, load_split
 from ..core import ConfigError, ShapeError, atomic_path
 from ..data.emoji import render_item
-from ..metrics import retrieval_metrics
+from ..metrics import markdown_table, retrieval_metrics
 from ..models.base import visual_batch
 from ..models.dive import DivE, DiveConfig, set_log_variance
 from .baseline import baseline_config
@@ -105,14 +105,6 @@ def set_statistics(model: DivE, data, batch_size: int = 256) -> dict:
     "Log-variance of the visual and the text sets of `model` on a split (the paper's set-collapse measure)."
     t, v = model.embed(data, batch_size=batch_size)
     return {"log_var_visual": set_log_variance(v), "log_var_text": set_log_variance(t)}
-
-def _table(rows: dict[str, dict], keys=METRIC_KEYS, digits: int = 1) -> str:
-    "Markdown table; values are numbers, (mean, std) pairs or strings."
-    fmt = lambda x: (f"{x[0]:.{digits}f} ± {x[1]:.{digits}f}" if isinstance(x, (list, tuple)) else
-                     f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x))
-    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    lines += [f"| {name} | " + " | ".join(fmt(r[k]) if k in r else "" for k in keys) + " |" for name, r in rows.items()]
-    return "\n".join(lines)
 
 # %% ../../nbs/31_repro.dive.ipynb #e9a129de
 @torch.no_grad()
@@ -242,19 +234,19 @@ def dive_markdown(doc: dict) -> str:
     ours = f"ours, {doc['benchmark']} {doc['preset']}, test"
     md = [f"# DivE reproduction ({mode} mode, {doc['benchmark']} {doc['preset']} preset, test split)", "",
           f"## Main table (mean ± std over seeds {doc['seeds']})", "",
-          _table({**{f"{k} ({ours})": v["mean_std"] for k, v in doc["main"].items()},
+          markdown_table({**{f"{k} ({ours})": v["mean_std"] for k, v in doc["main"].items()},
                   f"random ranking (expected, {doc['benchmark']} {doc['preset']}, test)": doc["chance"],
                   **{f"{k} (published, COCO 1K)": v for k, v in P["main_coco_1k"].items()},
-                  **{f"{k} (published, COCO 5K)": v for k, v in P["main_coco_5k"].items()}}), "",
+                  **{f"{k} (published, COCO 5K)": v for k, v in P["main_coco_5k"].items()}}, keys=METRIC_KEYS), "",
           f"## Similarity ablation (seed {doc['seeds'][0]})", "",
-          _table({SIMILARITY_LABELS[s]: {f"RSUM ({ours})": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"],
+          markdown_table({SIMILARITY_LABELS[s]: {f"RSUM ({ours})": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"],
                                          "RSUM (published)": P["similarity_rsum"][s]} for s, m in doc["similarity"].items()},
                  keys=(f"RSUM ({ours})", "t2v/R@1", "v2t/R@1", "RSUM (published)")), "",
           "Smooth-Chamfer temperature:", "",
-          _table({f"α = {a}": {"RSUM": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"]} for a, m in doc["alpha"].items()},
+          markdown_table({f"α = {a}": {"RSUM": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"]} for a, m in doc["alpha"].items()},
                  keys=("RSUM", "t2v/R@1", "v2t/R@1")), "",
           "## Architecture ablation (Smooth-Chamfer unless noted; log-variance of the set elements)", "",
-          _table({ARCH_LABELS[a]: {"log Var (image sets)": r["log_var_visual"], "log Var (caption sets)": r["log_var_text"],
+          markdown_table({ARCH_LABELS[a]: {"log Var (image sets)": r["log_var_visual"], "log Var (caption sets)": r["log_var_text"],
                                    f"RSUM ({ours})": r["RSUM"], "log Var (published)": P["architecture"][a]["log_var"],
                                    "RSUM (published)": P["architecture"][a]["RSUM"]} for a, r in doc["architecture"].items()},
                  keys=("log Var (image sets)", "log Var (caption sets)", f"RSUM ({ours})", "log Var (published)", "RSUM (published)"),
