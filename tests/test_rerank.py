@@ -145,7 +145,7 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ShapeError, match=r"`k`=6 is larger than the gallery \(5 items\)"):
         retrieve_and_rerank(gal, q, ["a dog"], rr, k=6)
     for k in (0, -1):
-        with pytest.raises(ShapeError, match="`k` must be a positive int"):
+        with pytest.raises(ConfigError, match="`k` must be a positive int"):
             retrieve_and_rerank(gal, q, ["a dog"], rr, k=k)
     with pytest.raises(ShapeError, match="`items` has visual features of width 12 .* built for width d_visual=8"):
         CrossEncoderReranker(m, torch.randn(5, 3, 12))

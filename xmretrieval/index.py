@@ -426,11 +426,11 @@ class Gallery:
         k_first = k
         if rerank is not None:
             if isinstance(k_rerank, bool) or not isinstance(k_rerank, (int, np.integer)) or k_rerank < 1:
-                raise ShapeError(f"`k_rerank` must be a positive int, got {k_rerank!r}")
+                raise ConfigError(f"`k_rerank` must be a positive int, got {k_rerank!r}")
             if k_rerank > len(self): raise ShapeError(f"`k_rerank`={k_rerank} is larger than the gallery ({len(self)} items)")
             k_first = int(k_rerank)
             if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= k_first:
-                raise ShapeError(f"`k` must be a positive int <= `k_rerank`={k_first} when reranking, got {k!r}")
+                raise ConfigError(f"`k` must be a positive int <= `k_rerank`={k_first} when reranking, got {k!r}")
             if queries is None: raise ShapeError("`queries` (the raw queries the reranker reads) is required with `rerank`")
             if getattr(rerank, "n_items", None) != len(self):
                 raise ShapeError(f"the reranker holds {getattr(rerank, 'n_items', None)} items but the gallery {len(self)}: "

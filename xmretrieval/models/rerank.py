@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from ..core import ConfigError, Config, DataError, ShapeError, check_tensor
 from ..encoders import masked_mean, resolve_text_path
 from ..losses import TripletLoss
-from .base import RetrievalModel, batch_to, register_model, text_batch, visual_batch
+from .base import RetrievalModel, register_model
 
 # %% auto #0
 __all__ = ['TINY_BERT', 'RRF_K', 'RerankConfig', 'RerankModel', 'Reranker', 'CrossEncoderReranker', 'fuse_scores', 'rerank_topk',
@@ -433,7 +433,7 @@ def retrieve_and_rerank(gallery,                 # an xmretrieval.index.Gallery 
                         query_mask: Tensor | None = None,  # (nq, kq) for set galleries
                        ):
     "Coop: the first stage's top-k from `gallery`, reranked by `reranker`: a `SearchResult` of k items per query."
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ShapeError(f"`k` must be a positive int, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ConfigError(f"`k` must be a positive int, got {k!r}")
     if k > len(gallery): raise ShapeError(f"`k`={k} is larger than the gallery ({len(gallery)} items)")
     return gallery.search(query_embeddings, k, query_mask, rerank=reranker, k_rerank=k, queries=queries,
                           rerank_mode=mode, fusion_weight=fusion_weight)
