@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import xmretrieval
-from .core import CheckpointError, Config, ConfigError, DataError, atomic_path, get_device
+from .core import (CheckpointError, Config, ConfigError, DataError, atomic_path, bad_checksums,
+                              get_device, tensor_checksums)
 from .models.base import RetrievalModel, build_model, get_model_class
 
 # %% auto #0
@@ -39,7 +40,12 @@ class OptimConfig(Config):
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"): raise ConfigError(f"OptimConfig.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if not self.lr > 0: raise ConfigError(f"OptimConfig.lr must be > 0, got {self.lr}")
+        self.check_range("lr", gt=0); self.check_range("weight_decay", ge=0); self.check_range("warmup_steps", ge=0)
+        self.check_range("warmup_frac", ge=0, le=1); self.check_range("min_lr_ratio", ge=0, le=1)
+        self.check_range("grad_clip", ge=0)
+        if not all(0 <= b < 1 for b in self.betas): raise ConfigError(f"OptimConfig.betas must lie in [0, 1), got {self.betas}")
+        bad = {k: v for k, v in self.lr_scales.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0}
+        if bad: raise ConfigError(f"OptimConfig.lr_scales must map prefixes to numbers >= 0, got {bad}")
 
 @dataclasses.dataclass
 class DataConfig(Config):
@@ -76,6 +82,8 @@ class TrainConfig(Config):
         for k in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
             if getattr(self, k) < 1: raise ConfigError(f"TrainConfig.{k} must be >= 1, got {getattr(self, k)}")
         if self.captions_per_item < 0: raise ConfigError(f"TrainConfig.captions_per_item must be >= 0, got {self.captions_per_item}")
+        self.check_range("max_steps", ge=0)   # 0 = no limit
+        self.check_range("num_threads", ge=0)
 
     def model_config_obj(self, data=None) -> Config:
         "The model's typed config (validated), completed from `data` if given."
@@ -119,6 +127,8 @@ def evaluate(model: RetrievalModel,  # a trained model (unwrapped, not DDP)
             ) -> dict:
     "Retrieval metrics of `model` on `data`: t2v/ and v2t/ R@1, R@5, R@10, MdR, MnR and RSUM."
     from xmretrieval.metrics import retrieval_metrics
+    for k, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ConfigError(f"`{k}` must be an int >= 1, got {v!r}")
     custom = getattr(model, "evaluate_data", None)   # models that rank otherwise (a cross-encoder) say how
     if custom is not None: return custom(data, batch_size=batch_size, chunk_size=chunk_size)
     t, v = model.embed(data, batch_size=batch_size)
@@ -143,6 +153,7 @@ def save_checkpoint(path: str | os.PathLike, model: RetrievalModel, config: Trai
         meta["optim_groups"] = json.dumps([{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
                                            for g in sd["param_groups"]])
         tensors["rng.torch"] = torch.get_rng_state()
+    meta["checksums"] = json.dumps(tensor_checksums(tensors))
     path = Path(path)
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -158,6 +169,12 @@ def read_checkpoint(path: str | os.PathLike, check_version: bool = True) -> tupl
     except Exception as e: raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file: {e}") from e
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an xmretrieval checkpoint (format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+    if "checksums" in meta:   # checkpoints written before checksums existed have none
+        try: sums = json.loads(meta["checksums"])   # tensors missing or added are reported by the weight loader
+        except ValueError: sums = {"(unreadable checksum list)": ""}
+        bad = bad_checksums({k: t for k, t in tensors.items() if k in sums}, {k: v for k, v in sums.items() if k in tensors or k[0] == "("})
+        if bad: raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: tensors {bad[:5]} fail their checksum "
+                                      "(the file changed on disk after it was written)")
     if check_version and meta["xmr_version"] != xmretrieval.__version__:
         raise CheckpointError(f"checkpoint {str(path)!r} was written by xmretrieval {meta['xmr_version']}, this is "
                               f"{xmretrieval.__version__}; pass check_version=False to load it anyway")

@@ -13,10 +13,11 @@ import torch
 from fastcore.script import Param, anno_parser, store_true
 
 import xmretrieval
-from .core import CheckpointError, ConfigError, DataError, XMRError, atomic_path
+from .core import CheckpointError, ConfigError, DataError, XMRError, atomic_path, file_digest
 from .checkpoint import DataConfig, evaluate, load_checkpoint, load_config, load_split
 from .index import Gallery
 from .train import Trainer, markdown_table, train_seeds
+from .data.core import config_digest
 
 # %% auto #0
 __all__ = ['COMMANDS', 'xmr_train', 'xmr_eval', 'xmr_index', 'xmr_search', 'main']
@@ -42,6 +43,8 @@ def xmr_train(config: Param("a preset name (e.g. biencoder_tiny) or a JSON/YAML 
     if seeds:
         try: seed_list = [int(s) for s in seeds.split(",")]
         except ValueError: raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}")
+        dups = sorted({s for s in seed_list if seed_list.count(s) > 1})
+        if dups: raise ConfigError(f"--seeds repeats {dups} in {seeds!r}: list each seed once")
         res = train_seeds(cfg, seed_list, out, resume=resume)
         print(res["table"])
         return res
@@ -69,6 +72,33 @@ def xmr_eval(checkpoint: Param("a checkpoint file (best.safetensors or last.safe
 
 def _meta_path(index_path) -> Path: return Path(f"{index_path}.xmr.json")
 
+_BOUND = ("checkpoint", "checkpoint_sha256", "index_sha256", "ids_sha256")
+
+def _read_index_meta(index: Path) -> dict:
+    "The index's `.xmr.json`, checked against the files it is bound to (index, ids, checkpoint): `CheckpointError` on any mismatch."
+    mp = _meta_path(index)
+    try: meta = json.loads(mp.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e: raise CheckpointError(f"index metadata {str(mp)!r} is unreadable: {e}") from e
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), str) for k in _BOUND):
+        raise CheckpointError(f"index metadata {str(mp)!r} lacks {[k for k in _BOUND if not isinstance(meta, dict) or k not in meta]} "
+                              "(an index from an older version, or a damaged file): rebuild it with `xmr index`")
+    for what, path, key in (("index file", index, "index_sha256"), ("ids file", Path(f"{index}.ids.json"), "ids_sha256"),
+                            ("checkpoint", Path(meta["checkpoint"]), "checkpoint_sha256")):
+        if not path.is_file(): raise CheckpointError(f"the {what} {str(path)!r} of index {str(index)!r} is missing")
+        if file_digest(path) != meta[key]:
+            raise CheckpointError(f"the {what} {str(path)!r} changed since index {str(index)!r} was built; "
+                                  "rebuild the index with `xmr index`")
+    return meta
+
+def _warn_long_query(model, query: str) -> None:
+    "Warn when the query is longer than the text encoder reads (it would be truncated)."
+    import warnings
+    from xmretrieval.data.features import FeatureConfig, token_counts
+    text = getattr(getattr(model, "config", None), "text", None)
+    limit = text.max_length if text is not None and getattr(text, "kind", "features") == "hf" else FeatureConfig().max_tokens
+    n = token_counts([query])[0]
+    if n > limit: warnings.warn(f"the query has {n} tokens; only the first {limit} are used (it is truncated)", stacklevel=2)
+
 def xmr_index(checkpoint: Param("a checkpoint file", str),
           data: Param("benchmark name or folder of saved splits (default: the checkpoint's data)", str) = None,
           split: Param("split whose visual items are indexed", str) = "test",
@@ -79,10 +109,13 @@ def xmr_index(checkpoint: Param("a checkpoint file", str),
     model, cfg, _ = load_checkpoint(checkpoint)
     d = load_split(_data_config(data, split, preset, cfg.data), split)
     _, v = model.embed(d, batch_size=cfg.eval_batch_size)
-    Gallery(v, d.visual_ids).save(out)
-    dc = _data_config(data, split, preset, cfg.data)
+    Gallery(model.index_embeddings(v), d.visual_ids).save(out)
+    # bound to the bytes of the checkpoint, the index, its ids and the data: `xmr search` refuses any mismatch
     meta = {"xmr_version": xmretrieval.__version__, "checkpoint": str(Path(checkpoint).resolve()), "data": d.name, "split": split,
-            "data_config": dc.to_dict()}
+            "checkpoint_sha256": file_digest(checkpoint), "index_sha256": file_digest(out),
+            "ids_sha256": file_digest(f"{out}.ids.json"), "n_items": d.n_visual,
+            "data_digest": config_digest({"ids": d.visual_ids, "manifest": d.meta.get("manifest"), "split": split}),
+            "data_config": _data_config(data, split, preset, cfg.data).to_dict()}
     with atomic_path(_meta_path(out)) as tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"indexed {d.n_visual} items of {d.name}/{split} -> {out}")
     return out
@@ -96,12 +129,13 @@ def xmr_search(index: Param("an index written by `xmr index`", str),
     p = Path(index)
     if not p.is_file() or not _meta_path(p).is_file():
         raise DataError(f"index {str(p)!r} does not exist (or lacks its {_meta_path(p).name}); write one with `xmr index`")
-    meta = json.loads(_meta_path(p).read_text())
+    if not isinstance(query, str) or not query.strip(): raise ConfigError(f"`query` is empty ({query!r}): give the text to search for")
+    meta = _read_index_meta(p)
     gallery = Gallery.load(p)
     model, cfg, _ = load_checkpoint(meta["checkpoint"])
-    t = model.encode_text([query])                  # raw caption -> the model's text side
-    if rerank is None:
-        res = gallery.search(t, k=min(k, len(gallery)))
+    _warn_long_query(model, query)
+    t = model.index_embeddings(model.encode_text([query]))   # raw caption -> frozen MiniLM features -> model
+    if rerank is None: res = gallery.search(t, k=min(k, len(gallery)))
     else:
         from xmretrieval.models.rerank import CrossEncoderReranker
         ce, _, _ = load_checkpoint(rerank, model_name="rerank")
@@ -130,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = anno_parser(fn, prog=f"xmr {argv[0]}").parse_args(argv[1:])
     kwargs = {k: v for k, v in vars(args).items() if k not in ("pdb", "xtra")}
     try: fn(**kwargs)
-    except XMRError as e:
+    except (XMRError, OSError) as e:   # OSError: a file that cannot be read or written, with its name
         print(f"xmr {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     return 0

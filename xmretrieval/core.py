@@ -6,22 +6,34 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import random
+import re
+import socket
+import sys
 import tempfile
+import time
+import types
 import typing
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+try: import fcntl
+except ImportError: fcntl = None   # not POSIX: folder locks are not available
+
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 
 # %% auto #0
-__all__ = ['XMRError', 'ShapeError', 'ConfigError', 'DataError', 'CheckpointError', 'check_tensor', 'check_unit_norm',
-           'check_mask', 'make_generator', 'seed_everything', 'fork_rng', 'get_device', 'atomic_path', 'Config']
+__all__ = ['XMRError', 'ShapeError', 'ConfigError', 'DataError', 'CheckpointError', 'WriteError', 'LockError', 'check_tensor',
+           'check_unit_norm', 'check_mask', 'make_generator', 'seed_everything', 'fork_rng', 'get_device',
+           'atomic_path', 'check_writable', 'tensor_checksums', 'bad_checksums', 'file_digest', 'folder_lock', 'Config']
 
 # %% ../nbs/00_core.ipynb #86a36b11
 class XMRError(Exception):
@@ -42,6 +54,14 @@ class DataError(XMRError, ValueError):
 # %% ../nbs/00_core.ipynb #d04176a3
 class CheckpointError(XMRError, ValueError):
     "A checkpoint or saved index does not match the model, version or config it is loaded into."
+
+# %% ../nbs/00_core.ipynb #d3382e45
+class WriteError(XMRError, OSError):
+    "A file or folder cannot be written (read-only, a file where a folder belongs, disk full); nothing was half-written."
+
+# %% ../nbs/00_core.ipynb #eee5948a
+class LockError(XMRError, RuntimeError):
+    "Another process is using a folder (a training run writing its checkpoints); the message names it."
 
 # %% ../nbs/00_core.ipynb #87b4a64e
 def check_tensor(x: Any,            # the value to check
@@ -139,35 +159,169 @@ def get_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 # %% ../nbs/00_core.ipynb #20fa4f8a
+def _write_failure(e: BaseException) -> bool:
+    "An OSError, or safetensors' wrapping of one (it raises SafetensorError('... I/O error ...') on a full disk)."
+    return isinstance(e, OSError) and not isinstance(e, XMRError) or isinstance(e, SafetensorError) and "I/O error" in str(e)
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    "Yield a temporary path beside `path`; on success move it onto `path` atomically, on error delete it."
+    "Yield a temporary path beside `path`; on success move it onto `path` atomically, on error delete it; I/O failures -> `WriteError` naming `path`."
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e: raise WriteError(f"cannot write {str(path)!r}: {e}") from e
     tmp = Path(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
+    except BaseException as e:
+        if _write_failure(e): raise WriteError(f"cannot write {str(path)!r} (nothing was written): {e}") from e
+        raise
     finally:
         if tmp.exists(): tmp.unlink()
 
+def check_writable(folder: str | os.PathLike,  # a folder that will receive files (created if missing)
+                   what: str = "output folder",  # what it is, for the message
+                  ) -> Path:
+    "Create `folder` if needed and check that a file can be created in it, before any work; `WriteError` naming it otherwise."
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".xmr-write-check.", dir=folder)
+        os.close(fd); os.unlink(tmp)
+    except OSError as e: raise WriteError(f"{what} {str(folder)!r} is not writable: {e}") from e
+    return folder
+
+# %% ../nbs/00_core.ipynb #f2534f03
+def tensor_checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    "{name: SHA-256 of the tensor's dtype, shape and bytes} (hex, 32 characters), for the header of a file."
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel(): h.update(t.reshape(-1).view(torch.uint8).numpy())
+        out[k] = h.hexdigest()[:32]
+    return out
+
+def bad_checksums(tensors: dict[str, torch.Tensor], expected: dict[str, str]) -> list[str]:
+    "The names whose checksum differs from `expected` (or that are missing on either side)."
+    got = tensor_checksums(tensors)
+    return sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+
+# %% ../nbs/00_core.ipynb #74acf944
+def file_digest(path: str | os.PathLike) -> str:
+    "SHA-256 (hex) of the bytes of the file `path`."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+    return h.hexdigest()
+
+# %% ../nbs/00_core.ipynb #06bdedf1
+def _holder(lock: Path) -> str:
+    try: h = json.loads(lock.read_text() or "{}")
+    except (OSError, ValueError): h = {}
+    if not h: return "another process"
+    return f"process {h.get('pid')} on {h.get('host')} since {h.get('since')} ({h.get('command')})"
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike,   # the folder to own (created if missing)
+                what: str = "run folder",     # what it is, for the messages
+               ) -> Iterator[Path]:
+    "Hold an exclusive lock on `folder` for the block; `LockError` naming the holder if another process (or object) holds it."
+    folder = check_writable(folder, what)
+    if fcntl is None: yield folder; return    # no flock on this platform: no protection
+    lock = folder / ".xmr-lock"
+    try: fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e: raise WriteError(f"cannot create the lock file {str(lock)!r}: {e}") from e
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockError(f"{what} {str(folder)!r} is in use by {_holder(lock)}; wait for it to finish or choose "
+                        "another folder (nothing was written)") from None
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:200]}
+        os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield folder
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
+
 # %% ../nbs/00_core.ipynb #5551bb47
+_INT_RE = re.compile(r"[+-]?\d+")
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
 def _is_config_type(tp) -> bool:
     return isinstance(tp, type) and issubclass(tp, Config)
 
-def _coerce(value, tp, key: str):
-    "Rebuild nested configs and tuples from plain JSON values, using the annotation `tp`."
-    if _is_config_type(tp) and isinstance(value, dict): return tp.from_dict(value)
+def _type_name(tp) -> str:
+    if isinstance(tp, type): return tp.__name__
+    return str(tp).replace("typing.", "")
+
+class _Bad(Exception):
+    "Internal: `value` does not fit `tp` (turned into a `ConfigError` naming the field)."
+
+def _check_value(value, tp, key: str):
+    "`value` as type `tp`: checked, or converted where the conversion is unambiguous; raise `_Bad` otherwise."
+    if tp is None or tp is typing.Any or isinstance(tp, (str, typing.ForwardRef)): return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__('types'), 'UnionType', None)):
-        for a in args:
-            if a is type(None) and value is None: return None
-            if _is_config_type(a) and isinstance(value, dict): return a.from_dict(value)
-        return value
-    if (origin is tuple or tp is tuple) and isinstance(value, list): return tuple(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool): return float(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args: return None
+            raise _Bad
+        opts = [a for a in args if a is not type(None)]
+        for a in opts:   # an exact fit first (an int in `int | str` stays an int)
+            try:
+                if _check_value(value, a, key) is value: return value
+            except _Bad: pass
+        for a in opts:
+            try: return _check_value(value, a, key)
+            except _Bad: pass
+        raise _Bad
+    if origin is typing.Literal:
+        if value in args: return value
+        raise _Bad
+    if tp is bool:
+        if isinstance(value, (bool, np.bool_)): return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"): return value.strip().lower() == "true"
+        raise _Bad
+    if tp is int:
+        if isinstance(value, (bool, np.bool_)): raise _Bad
+        if isinstance(value, (int, np.integer)): return int(value)
+        if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer(): return int(value)
+        if isinstance(value, str) and _INT_RE.fullmatch(value.strip()): return int(value)
+        raise _Bad
+    if tp is float:
+        if isinstance(value, (bool, np.bool_)): raise _Bad
+        if isinstance(value, (int, float, np.integer, np.floating)): v = float(value)
+        elif isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()): v = float(value)
+        else: raise _Bad
+        if math.isnan(v): raise _Bad
+        return v
+    if tp is str:
+        if isinstance(value, str): return value
+        if isinstance(value, os.PathLike): return os.fspath(value)
+        raise _Bad
+    if _is_config_type(tp):
+        if isinstance(value, tp): return value
+        if isinstance(value, dict): return tp.from_dict(value)
+        raise _Bad
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, (list, tuple)): raise _Bad
+        if not args: return tuple(value)
+        if len(args) == 2 and args[1] is Ellipsis: return tuple(_check_value(v, args[0], key) for v in value)
+        if len(value) != len(args): raise _Bad
+        return tuple(_check_value(v, a, key) for v, a in zip(value, args))
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)): raise _Bad
+        return [_check_value(v, args[0], key) for v in value] if args else list(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict): raise _Bad
+        if len(args) != 2: return value
+        return {_check_value(k, args[0], key): _check_value(v, args[1], key) for k, v in value.items()}
+    if isinstance(tp, type) and not isinstance(value, tp): raise _Bad
     return value
 
 def _default_type(f: dataclasses.Field):
@@ -176,9 +330,66 @@ def _default_type(f: dataclasses.Field):
     if f.default_factory is not dataclasses.MISSING: return type(f.default_factory())
     return None
 
+def _field_types(cls) -> dict:
+    "{field name: annotated type}; a name that cannot be resolved falls back to the type of the field's default."
+    fields = dataclasses.fields(cls)
+    try: return typing.get_type_hints(cls)
+    except (NameError, TypeError): pass
+    out = {}
+    for f in fields:   # resolve one field at a time (a class redefined in a notebook's __main__)
+        tp, mod = f.type, sys.modules.get(getattr(cls, "__module__", ""), None)
+        for _ in range(2):   # '"Name"' (a quoted annotation under `from __future__ import annotations`) -> 'Name' -> type
+            if not isinstance(tp, str): break
+            try: tp = eval(tp, {**vars(typing), **(vars(mod) if mod else {})})
+            except Exception: break
+        out[f.name] = _default_type(f) if isinstance(tp, (str, typing.ForwardRef)) else tp
+    return out
+
+def _fmt_range(gt, ge, lt, le) -> str:
+    return " and ".join(f"{op} {v}" for op, v in ((">", gt), (">=", ge), ("<", lt), ("<=", le)) if v is not None)
+
 @dataclasses.dataclass
 class Config:
-    "Base class of typed configs: `to_dict`/`from_dict`, `save`/`load` (JSON or YAML), `replace`."
+    "Base class of typed configs: field types checked on construction, `to_dict`/`from_dict`, `save`/`load` (JSON or YAML), `replace`."
+
+    def __post_init__(self):
+        "Check every field against its annotation, converting only unambiguous values ('1e-3' -> 0.001, 'false' -> False, [a, b] -> (a, b))."
+        name, hints = type(self).__name__, _field_types(type(self))
+        for f in dataclasses.fields(self):
+            value, tp = getattr(self, f.name), hints.get(f.name)
+            try: new = _check_value(value, tp, f"{name}.{f.name}")
+            except _Bad:
+                hint = " (true or false)" if tp is bool else ""
+                raise ConfigError(f"{name}.{f.name} must be {_type_name(tp)}{hint}, got {value!r} "
+                                  f"({type(value).__name__})") from None
+            if new is not value: object.__setattr__(self, f.name, new)
+
+    def __init_subclass__(cls, **kwargs):
+        "A subclass's own `__post_init__` (its range checks) runs after the type checks of `Config.__post_init__`."
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_checks_types", False): return
+        def __post_init__(self, *args):
+            Config.__post_init__(self)
+            own(self, *args)
+        __post_init__._checks_types = True
+        __post_init__.__doc__ = own.__doc__
+        cls.__post_init__ = __post_init__
+
+    def check_range(self, name: str,   # a field of this config
+                    gt=None, ge=None, lt=None, le=None,  # bounds (None: no bound)
+                    finite: bool = True,  # refuse inf (NaN is always refused)
+                   ) -> None:
+        "Raise `ConfigError` naming the field unless its value (None passes) lies in the bounds; for `__post_init__`."
+        v = getattr(self, name)
+        if v is None: return
+        bad = (isinstance(v, float) and (math.isnan(v) or (finite and math.isinf(v)))
+               or (gt is not None and not v > gt) or (ge is not None and not v >= ge)
+               or (lt is not None and not v < lt) or (le is not None and not v <= le))
+        if bad:
+            want = _fmt_range(gt, ge, lt, le) or "a number"
+            raise ConfigError(f"{type(self).__name__}.{name} must be {'finite and ' if finite and isinstance(v, float) and want != 'a number' else ''}"
+                              f"{want}, got {v!r}")
 
     def to_dict(self) -> dict:
         "A plain dict (nested configs become dicts, tuples become lists)."
@@ -186,16 +397,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict):
-        "Build from a dict; unknown keys raise `ConfigError` listing the valid ones."
+        "Build from a dict; unknown keys raise `ConfigError` listing the valid ones; values are checked as on construction."
         if not isinstance(d, dict): raise ConfigError(f"{cls.__name__} expects a dict, got {type(d).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(d) - fields, key=str)
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(fields)}")
-        try: hints = typing.get_type_hints(cls)
-        except NameError: hints = {}  # e.g. a class redefined in a notebook's __main__: fall back to the defaults' types
-        return cls(**{k: _coerce(v, hints.get(k) or _default_type(fields[k]), f"{cls.__name__}.{k}")
-                      for k, v in d.items()})
+        return cls(**d)
 
     def replace(self, **changes):
         "A copy with `changes` applied (unknown keys raise `ConfigError`)."
@@ -219,10 +427,11 @@ class Config:
         try:
             text = path.read_text()
             d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
+        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix[1:].upper()}: {e}") from e
         if not isinstance(d, dict): raise ConfigError(f"config file {str(path)!r} must hold a mapping")
         saved = d.pop("_type", cls.__name__)
         if saved != cls.__name__:
             raise ConfigError(f"config file {str(path)!r} holds a {saved}, not a {cls.__name__}")
         return cls.from_dict(d)
+

@@ -62,6 +62,7 @@ class TextEncoderConfig(Config):
     def __post_init__(self):
         if self.kind not in ("features", "hf"): raise ConfigError(f"TextEncoderConfig.kind must be 'features' or 'hf', got {self.kind!r}")
         if self.pooling not in ("mean", "cls"): raise ConfigError(f"TextEncoderConfig.pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        self.check_range("max_length", ge=3)   # [CLS], one token, [SEP]
 
 class TextEncoder(nn.Module):
     "Text features for a batch: `encode_text(batch)` -> `Features` (token features, mask, pooled)."
@@ -133,6 +134,8 @@ class VisualEncoderConfig(Config):
         if self.kind not in ("features", "efficientnet"): raise ConfigError(f"VisualEncoderConfig.kind must be 'features' or 'efficientnet', got {self.kind!r}")
         if self.pooling not in ("mean", "max", "global"): raise ConfigError(f"VisualEncoderConfig.pooling must be 'mean', 'max' or 'global', got {self.pooling!r}")
         if self.pooling == "global" and self.temporal_layers: raise ConfigError("VisualEncoderConfig.pooling='global' ignores the temporal transformer; use 'mean' or 'max'")
+        for k in ("d_model", "temporal_layers"): self.check_range(k, ge=0)
+        self.check_range("n_heads", ge=1); self.check_range("max_len", ge=1); self.check_range("dropout", ge=0, lt=1)
 
 class VisualEncoder(nn.Module):
     "Visual features for a batch: `encode_visual(batch)` -> `Features` (projected local features, mask, pooled)."

@@ -65,6 +65,7 @@ class SetIndexConfig(Config):
             raise ConfigError(f"`similarity` must be one of {sorted(SET_SIMILARITIES)}, got {self.similarity!r}")
         if self.element_k < 1 or self.rescore_batch < 1:
             raise ConfigError(f"`element_k` and `rescore_batch` must be >= 1, got {self.element_k}, {self.rescore_batch}")
+        self.check_range("alpha", gt=0)
 
 # %% ../nbs/03_vector_index.ipynb #e80fab1a
 _FORMAT_VERSION = 1
@@ -400,6 +401,8 @@ class Gallery:
         else:
             if config is not None and not isinstance(config, SetIndexConfig):
                 raise ConfigError(f"set galleries take a SetIndexConfig, got {type(config).__name__}")
+            if embeddings.shape[1] == 0:
+                raise ShapeError(f"`embeddings` holds sets of K=0 elements (shape {tuple(embeddings.shape)}); every set needs K >= 1")
             self.index = SetEmbeddingIndex(embeddings.shape[2], config).add(embeddings, mask)
 
     @property
@@ -418,8 +421,13 @@ class Gallery:
               ) -> SearchResult:
         """The k best gallery items for every query (numpy queries give numpy `indices` and `scores`, as faiss does).
         With `rerank`, the k_rerank best are rescored by the reranker and the k best of the new order returned."""
+        kind = type(query_embeddings).__module__.split(".")[0] + "." + type(query_embeddings).__name__
         (query_embeddings, as_numpy), (query_mask, _) = _from_numpy(query_embeddings), _from_numpy(query_mask)
-        if not isinstance(query_embeddings, Tensor) or query_embeddings.ndim != (3 if self.is_set else 2):
+        if not isinstance(query_embeddings, Tensor):
+            raise ShapeError(f"`query_embeddings` must be a torch.Tensor or numpy array of floats, got {kind}")
+        if not query_embeddings.is_floating_point():
+            raise ShapeError(f"`query_embeddings` must hold floating-point vectors, got a {kind} of dtype {query_embeddings.dtype}")
+        if query_embeddings.ndim != (3 if self.is_set else 2):
             raise ShapeError(f"this gallery holds {'sets (m, K, d)' if self.is_set else 'vectors (m, d)'}: "
                              f"`query_embeddings` must be {'(nq, kq, d)' if self.is_set else '(nq, d)'}, got "
                              f"{tuple(getattr(query_embeddings, 'shape', ()))}")
@@ -462,7 +470,11 @@ class Gallery:
         idp = Path(f"{path}.ids.json")
         if not idp.exists(): raise CheckpointError(f"gallery ids {str(idp)!r} are missing")
         self = cls.__new__(cls)
-        self.index, self.ids = index, json.loads(idp.read_text())
+        try: ids = json.loads(idp.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e: raise CheckpointError(f"gallery ids {str(idp)!r} are unreadable: {e}") from e
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise CheckpointError(f"gallery ids {str(idp)!r} must be a JSON list of strings")
+        self.index, self.ids = index, ids
         if len(self.ids) != len(index): raise CheckpointError(f"{str(idp)!r} has {len(self.ids)} ids for {len(index)} items")
         return self
 

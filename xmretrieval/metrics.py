@@ -47,6 +47,12 @@ def _check_medr(medr: str) -> str:
     return medr
 
 # %% ../nbs/02_metrics.ipynb #e583bb8b
+def _check_chunk_size(chunk_size, name: str = "chunk_size") -> int:
+    "`chunk_size` as an int; `ConfigError` naming it unless it is an int >= 1."
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ConfigError(f"`{name}` must be a positive int, got {chunk_size!r}")
+    return int(chunk_size)
+
 def _count_ge(blk: Tensor, thr: Tensor, axis: int) -> Tensor:
     "Number of entries of `blk` >= `thr` (broadcast) along `axis`; NumPy on CPU (several times faster than torch here)."
     thr = thr.to(blk.dtype)
@@ -98,6 +104,7 @@ def retrieval_ranks(sims: Tensor,            # (n_text, n_visual) scores, higher
                    ) -> tuple[Tensor, Tensor]:  # rank0 per text (n_text,), rank0 per visual item (n_visual,)
     "0-based ranks of the correct item per caption (t2v) and of the best correct caption per item (v2t); ties count against."
     check_tensor(sims, "sims", ndim=2, finite=False)
+    chunk_size = _check_chunk_size(chunk_size)
     t2v = _check_t2v(text_to_visual, *sims.shape)
     rows = torch.arange(len(t2v), device=sims.device)
     gt = sims[rows, t2v.to(sims.device)]
@@ -143,8 +150,7 @@ def chunked_retrieval_metrics(score_fn: Callable[[int, int], Tensor],  # (start,
                              ) -> dict[str, float]:
     "Same numbers as `retrieval_metrics` without holding the (n_text, n_visual) matrix."
     _check_medr(medr)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
+    chunk_size = _check_chunk_size(chunk_size)
     t2v = _check_t2v(text_to_visual, len(torch.as_tensor(text_to_visual)), n_visual)
     return metrics_from_ranks(*_ranks_from_blocks(score_fn, None, t2v, n_visual, chunk_size), medr=medr)
 

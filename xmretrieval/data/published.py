@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core import DataError
+from ..core import ConfigError, DataError
 from .core import RetrievalData
 
 # %% auto #0
@@ -23,6 +23,13 @@ __all__ = ['LSMDC_FILES', 'load_features', 'read_karpathy', 'read_precomp', 'rea
            'read_didemo']
 
 # %% ../../nbs/04c_data.published.ipynb #eadfa356
+def _check_positive(value, name: str) -> int | None:
+    "`value` (None passes) as an int >= 1; `ConfigError` naming the argument otherwise."
+    if value is None: return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"`{name}` must be an int >= 1 or None, got {value!r}")
+    return int(value)
+
 def _npz_or_dir(source: str | os.PathLike):
     source = Path(source)
     if source.is_dir(): return source, None
@@ -49,6 +56,7 @@ def load_features(source: str | os.PathLike,  # folder of {id}.npy, or one .npz 
                   max_len: int | None = None,  # keep at most this many local features (uniformly spaced)
                  ) -> tuple[Tensor, Tensor, Tensor]:
     "Per-id arrays `(L_i, d)` or `(d,)` -> local `(n, L, d)` float32 (zero-padded), mask `(n, L)` bool, global = masked mean `(n, d)`."
+    max_len = _check_positive(max_len, "max_len")
     root, arch = _npz_or_dir(source)
     arrays, d = [], None
     for vid in ids:
@@ -79,7 +87,7 @@ def _make(name, split, ids, captions, t2v, local, mask, meta, text_features: boo
 
 def _read_text(path: Path, what: str) -> str:
     if not path.is_file(): raise DataError(f"missing file {path} ({what})")
-    try: return path.read_text(encoding="utf-8")
+    try: return path.read_text(encoding="utf-8-sig")   # a UTF-8 byte-order mark (Excel's CSVs) is dropped
     except (OSError, UnicodeDecodeError) as e: raise DataError(f"cannot read {path} ({what}): {e}") from e
 
 def _read_json(path: Path, what: str):
@@ -100,6 +108,7 @@ def read_karpathy(json_path: str | os.PathLike,  # dataset_coco.json or dataset_
                  ) -> RetrievalData:
     "One split of a Karpathy-format caption file with the user's image features."
     json_path = Path(json_path)
+    captions_per_image = _check_positive(captions_per_image, "captions_per_image")
     d = _read_json(json_path, "Karpathy split file")
     if not isinstance(d, dict) or not isinstance(d.get("images"), list):
         raise DataError(f"{json_path} must hold a dict with an 'images' list (Karpathy format)")
@@ -132,6 +141,7 @@ def read_precomp(folder: str | os.PathLike,  # coco_precomp/ or f30k_precomp/ (o
                 ) -> RetrievalData:
     "One split of a SCAN-style precomp folder: `{split}_ims.npy` (n, R, d) + `{split}_caps.txt` (k*n lines)."
     folder = Path(folder)
+    max_images = _check_positive(max_images, "max_images")
     if not (folder / f"{split}_ims.npy").exists() and (folder / "precomp" / f"{split}_ims.npy").exists():
         folder = folder / "precomp"
     f_ims, f_caps = folder / f"{split}_ims.npy", folder / f"{split}_caps.txt"
@@ -143,6 +153,8 @@ def read_precomp(folder: str | os.PathLike,  # coco_precomp/ or f30k_precomp/ (o
     if ims.ndim == 2: ims = ims[:, None]
     if ims.ndim != 3: raise DataError(f"{f_ims} must have shape (n, R, d) or (n, d), got {ims.shape}")
     n = ims.shape[0]
+    if n == 0: raise DataError(f"{f_ims} holds no images (shape {ims.shape})")
+    if not caps: raise DataError(f"{f_caps} holds no captions for the {n} images in {f_ims}")
     if len(caps) % n: raise DataError(f"{f_caps} has {len(caps)} captions, not a multiple of the {n} images in {f_ims}")
     k = len(caps) // n
     if max_images is not None: n = min(n, max_images)
@@ -156,11 +168,16 @@ def read_precomp(folder: str | os.PathLike,  # coco_precomp/ or f30k_precomp/ (o
 # %% ../../nbs/04c_data.published.ipynb #082d49a0
 def _read_csv(path: Path, columns: tuple[str, ...], what: str, delimiter: str = ",", header: bool = True) -> list:
     text = _read_text(path, what)
-    try: rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter) if header else csv.reader(text.splitlines(), delimiter=delimiter))
+    try:
+        reader = csv.DictReader(text.splitlines(), delimiter=delimiter) if header else csv.reader(text.splitlines(), delimiter=delimiter)
+        rows = list(reader)
     except csv.Error as e: raise DataError(f"{path} is not a readable CSV ({what}): {e}") from e
     if header:
-        missing = [c for c in columns if rows and c not in rows[0]] or ([] if rows else list(columns))
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing: raise DataError(f"{path} must have columns {list(columns)} ({what}); missing {missing}")
+        bad = next((i for i, r in enumerate(rows, 2) if any(r.get(c) is None for c in columns)), None)
+        if bad is not None: raise DataError(f"{path} line {bad}: fewer fields than the header's columns {list(columns)} ({what})")
+    if not rows: raise DataError(f"{path} has no data rows ({what})")
     return rows
 
 def read_msrvtt(folder: str | os.PathLike,    # folder with MSRVTT_data.json and the csv split files
@@ -179,8 +196,14 @@ def read_msrvtt(folder: str | os.PathLike,    # folder with MSRVTT_data.json and
         caps, t2v = [r["sentence"] for r in rows], [pos[r["video_id"]] for r in rows]
     elif split in ("train", "val"):
         data = _read_json(folder / "MSRVTT_data.json", "MSRVTT videos and sentences")
-        if not isinstance(data, dict) or "sentences" not in data or "videos" not in data:
-            raise DataError(f"{folder / 'MSRVTT_data.json'} must hold 'videos' and 'sentences' lists")
+        fj = folder / "MSRVTT_data.json"
+        if not isinstance(data, dict) or not isinstance(data.get("sentences"), list) or not isinstance(data.get("videos"), list):
+            raise DataError(f"{fj} must hold 'videos' and 'sentences' lists")
+        for what, key, entries, need in (("sentence", "sentences", data["sentences"], ("video_id", "caption")),
+                                         ("video", "videos", data["videos"], ("video_id",))):
+            for i, e in enumerate(entries):
+                lacks = [k for k in need if not isinstance(e, dict) or not isinstance(e.get(k), str)]
+                if lacks: raise DataError(f"{fj}: {key}[{i}] ({str(e)[:80]}) lacks a string {lacks[0]!r} (every {what} needs {list(need)})")
         if split == "train":
             if train_size not in ("9k", "7k"): raise DataError(f"`train_size` must be '9k' or '7k', got {train_size!r}")
             ids = [r["video_id"] for r in _read_csv(folder / f"MSRVTT_train.{train_size}.csv", ("video_id",), "train video list")]
@@ -201,22 +224,41 @@ def read_msrvtt(folder: str | os.PathLike,    # folder with MSRVTT_data.json and
                  {"source": str(folder), "format": "clip4clip-msrvtt", "train_size": train_size}, text_features)
 
 # %% ../../nbs/04c_data.published.ipynb #3f7a13f9
+_SAFE_GLOBALS = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "int", "float", "bool")} | {
+    ("collections", "OrderedDict"), ("__builtin__", "unicode")}
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    "Builds only plain containers, strings and numbers: any other class or function in the pickle is refused."
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return str if name == "unicode" else getattr(__import__(module), name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not a plain container, string or number")
+
 def read_msvd(folder: str | os.PathLike, features: str | os.PathLike, split: str = "test",
-              max_frames: int | None = None, text_features: bool = False) -> RetrievalData:
-    "MSVD: `{split}_list.txt` + `raw-captions.pkl` (dict video_id -> list of token lists)."
+              max_frames: int | None = None, text_features: bool = False,
+              trust_pickle: bool = False,  # unpickle `raw-captions.pkl` without restrictions (runs any code it holds)
+             ) -> RetrievalData:
+    "MSVD: `{split}_list.txt` + `raw-captions.pkl` (dict video_id -> list of token lists), unpickled safely."
     folder = Path(folder)
     if split not in ("train", "val", "test"): raise DataError(f"`split` must be train, val or test, got {split!r}")
     ids = _lines(folder / f"{split}_list.txt", f"MSVD {split} video ids")
     f = folder / "raw-captions.pkl"
     if not f.is_file(): raise DataError(f"missing file {f} (MSVD captions: dict video_id -> list of token lists)")
     try:
-        with open(f, "rb") as fh: raw = pickle.load(fh)
-    except Exception as e: raise DataError(f"{f} is not a readable pickle of MSVD captions: {e}") from e
+        with open(f, "rb") as fh: raw = pickle.load(fh) if trust_pickle else _RestrictedUnpickler(fh).load()
+    except Exception as e:
+        raise DataError(f"{f} is not a readable pickle of MSVD captions: {e}"
+                        + ("" if trust_pickle else " (only plain containers, strings and numbers are unpickled; "
+                           "pass trust_pickle=True for a file you trust)")) from e
     if not isinstance(raw, dict): raise DataError(f"{f} must hold a dict video_id -> list of token lists, got {type(raw).__name__}")
     caps, t2v = [], []
     for i, v in enumerate(ids):
         if v not in raw: raise DataError(f"{f} has no captions for video {v!r} listed in {split}_list.txt")
+        if not isinstance(raw[v], (list, tuple)) or not raw[v]:
+            raise DataError(f"{f}: the captions of video {v!r} must be a non-empty list, got {str(raw[v])[:80]}")
         for toks in raw[v]:
+            if not (isinstance(toks, str) or isinstance(toks, (list, tuple)) and all(isinstance(t, str) for t in toks)):
+                raise DataError(f"{f}: a caption of video {v!r} must be a list of tokens or a string, got {str(toks)[:80]}")
             caps.append(" ".join(toks) if isinstance(toks, (list, tuple)) else str(toks)); t2v.append(i)
     local, mask, _ = load_features(features, ids, max_frames)
     return _make("msvd", split, ids, caps, t2v, local, mask, {"source": str(folder), "format": "clip4clip-msvd"}, text_features)
@@ -255,9 +297,13 @@ def read_didemo(folder: str | os.PathLike, features: str | os.PathLike, split: s
     data = _read_json(f, "DiDeMo moments")
     if not isinstance(data, list): raise DataError(f"{f} must hold a list of moments with 'video' and 'description'")
     texts: dict[str, list[str]] = {}
-    for m in data:
+    for i, m in enumerate(data):
         try: v, desc = m["video"], m["description"]
         except (KeyError, TypeError) as e: raise DataError(f"{f}: moment {str(m)[:80]} lacks {e} (expected 'video', 'description')") from e
+        if isinstance(desc, (list, tuple)) and all(isinstance(s, str) for s in desc): desc = " ".join(s.strip() for s in desc)
+        if not isinstance(v, str) or not isinstance(desc, str):
+            raise DataError(f"{f}: moment {i} ({str(m)[:80]}) must have a string 'video' and a string (or list of strings) "
+                            f"'description', got {type(v).__name__} and {type(desc).__name__}")
         texts.setdefault(v, []).append(desc.strip())
     ids = [v for v in listed if v in texts]  # CLIP4Clip keeps listed videos that have descriptions
     if not ids: raise DataError(f"none of the videos in {folder / (split + '_list.txt')} has a description in {f}")

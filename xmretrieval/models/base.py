@@ -296,6 +296,10 @@ class RetrievalModel(nn.Module):
                for i in range(0, text_emb.shape[0], chunk_size)]
         return torch.cat(out) if out else text_emb.new_zeros(0, visual_emb.shape[0])
 
+    def index_embeddings(self, emb: Tensor) -> Tensor:
+        "Embeddings in the form that `xmretrieval.index.Gallery` indexes and searches (`xmr index`/`search`); default: as encoded."
+        return emb
+
     def compute_loss(self, text_emb: Tensor, visual_emb: Tensor, text_to_visual: Tensor) -> dict:
         "A dict with a scalar `loss` (plus scalars to log) from a batch of embeddings."
         raise NotImplementedError

@@ -241,6 +241,10 @@ class DiveLossConfig(Config):
     mmd_gamma: float = 0.5     # kernel exp(-gamma * distance)
     unif_t: float = 2.0        # kernel exp(-t * squared distance)
 
+    def __post_init__(self):
+        for k in ("margin", "mmd_weight", "unif_weight"): self.check_range(k, ge=0)
+        self.check_range("mmd_gamma", gt=0); self.check_range("unif_t", gt=0)
+
 def dive_loss(sims: Tensor, text_to_visual: Tensor,
               text_set: Tensor, visual_set: Tensor,      # (n_t, K, d), (n_v, K, d) unit-norm sets
               text_res: Tensor, visual_res: Tensor,      # residual slots, same shapes
@@ -293,6 +297,9 @@ class DiveConfig(Config):
             raise ConfigError(f"DiveConfig.similarity must be one of {SET_SIMILARITY_NAMES}, got {self.similarity!r}")
         if not (0 <= self.token_drop < 1 and 0 <= self.region_drop < 1):
             raise ConfigError(f"token_drop and region_drop must be in [0, 1), got {self.token_drop}, {self.region_drop}")
+        for k in ("visual_dim", "text_dim", "embed_dim", "num_embeds", "depth", "heads", "head_dim", "ff_mult", "chunk_size"):
+            self.check_range(k, ge=1)
+        self.check_range("dropout", ge=0, lt=1); self.check_range("alpha", gt=0)
 
 def drop_inputs(mask: Tensor,  # (B, L) bool, True = valid
                 p: float,      # drop probability of each valid input
