@@ -102,6 +102,33 @@ def test_coop_with_k_equal_gallery_size_ranks_as_ce_only(one_thread):
     assert coop_metrics(sims, m, data, k=3)["ce_passes"] == 3 * (data.n_text + data.n_visual)
 
 
+@pytest.mark.parametrize("preset", ["dive_tiny", "cret_tiny"])
+def test_any_first_stage_through_the_gallery(preset, one_thread):
+    "DivE sets and CRET vectors as the first stage (untrained tiny presets), reranked by the cross-encoder."
+    from xmretrieval.checkpoint import load_config as load, load_split
+    from xmretrieval.models.base import get_model_class
+    cfg = load(preset)
+    data = load_split(cfg.data, "test").subset(range(16))
+    cls = get_model_class(cfg.model)
+    torch.manual_seed(0)
+    first = cls(cls.config_for_data(cls.config_class.from_dict(cfg.model_config), data)).eval()
+    with torch.no_grad():
+        t, v = first.embed(data)
+    gallery = Gallery(first.index_embeddings(v), data.visual_ids)
+    q = first.index_embeddings(t[:6])
+    m = tiny(d_visual=data.visual_local.shape[-1])
+    rr = CrossEncoderReranker(m, data.visual_local, data.visual_mask)
+    caps = list(data.captions[:6])
+    top = gallery.search(q, k=10).indices
+    res = gallery.search(q, k=4, rerank=rr, k_rerank=10, queries=caps)
+    ce = rr.score(caps, top)
+    for i in range(6):   # the 4 best of the first stage's 10 by CE score
+        assert res.indices[i].tolist() == top[i][ce[i].argsort(descending=True)[:4]].tolist()
+    # Coop metrics from the model's own score matrix, both directions, any K
+    mets = coop_metrics(first.score(t, v), m, data, k=5)
+    assert mets["ce_passes"] == 5 * (data.n_text + data.n_visual) and 0 <= mets["RSUM"] <= 600
+
+
 def pair_probs(model, data, seed=0):
     "Mean CE match probability of every caption's positive pair and of one random negative pair per caption."
     g = torch.Generator().manual_seed(seed)
