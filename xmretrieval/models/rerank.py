@@ -344,6 +344,7 @@ class CrossEncoderReranker(Reranker):
             self.direction = "v2t"
             if item_mask is not None: raise ShapeError("`item_mask` applies to visual items only")
             self.items = list(items)
+            if self.items: self.item_ids, self.item_tmask = model.tokenize(self.items)   # once (warns once about long captions)
         else: raise DataError(f"`items` must be a (m, R, d_v) tensor of visual features or a list of captions, got {type(items).__name__}")
         if len(self.items) == 0: raise DataError("`items` is empty")
         self.n_items, self.passes = len(self.items), 0
@@ -378,7 +379,7 @@ class CrossEncoderReranker(Reranker):
                 ids, tm = self.model.tokenize(queries)
                 get = lambda q, it: (ids[q], tm[q], self.items[it.to(self.items.device)], self.item_mask[it])
             else:
-                ids, tm = self.model.tokenize(self.items)
+                ids, tm = self.item_ids, self.item_tmask
                 qe, qm = self.model.project_visual(queries, query_mask, "queries")
                 get = lambda q, it: (ids[it], tm[it], qe[q.to(qe.device)], qm[q])
             out = []
