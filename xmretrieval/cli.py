@@ -59,12 +59,20 @@ def xmr_eval(checkpoint: Param("a checkpoint file (best.safetensors or last.safe
          data: Param("benchmark name or folder of saved splits (default: the checkpoint's data)", str) = None,
          split: Param("split to evaluate", str) = "test",
          preset: Param("benchmark preset (default: the checkpoint's)", str) = None,
-         out: Param("also write the metrics to this JSON file", str) = None):
-    "Evaluate a checkpoint on a split; prints the metrics as JSON."
+         out: Param("also write the metrics to this JSON file", str) = None,
+         rerank: Param("a cross-encoder checkpoint (model 'rerank'): evaluate Coop, this checkpoint's top k_rerank reranked by it", str) = None,
+         k_rerank: Param("candidates the cross-encoder reranks per query (K)", int) = 20):
+    "Evaluate a checkpoint on a split (optionally as the first stage of a cross-encoder: Coop); prints the metrics as JSON."
     model, cfg, _ = load_checkpoint(checkpoint)
     d = load_split(_data_config(data, split, preset, cfg.data), split)
-    metrics = evaluate(model, d, cfg.eval_batch_size)
-    res = {"checkpoint": str(checkpoint), "data": d.name, "split": split, "metrics": metrics}
+    if rerank is None: metrics = evaluate(model, d, cfg.eval_batch_size)
+    else:   # Sep Coop (a bi-encoder, DivE, CRET ... checkpoint + a CE checkpoint) or Joint Coop (the same joint checkpoint twice)
+        from xmretrieval.models.rerank import coop_metrics
+        ce, _, _ = load_checkpoint(rerank, model_name="rerank")
+        with torch.no_grad(): sims = model.score(*model.embed(d, batch_size=cfg.eval_batch_size))
+        metrics = coop_metrics(sims, ce, d, k_rerank)
+    res = {"checkpoint": str(checkpoint), "data": d.name, "split": split, "metrics": metrics,
+           **({"rerank": str(rerank), "k_rerank": k_rerank} if rerank else {})}
     if out:
         with atomic_path(out) as tmp: tmp.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
