@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("retrieval_core", "data_build", "training", "dive", "search")
+BENCHES = ("retrieval_core", "data_build", "training", "dive", "search", "rerank")
 
 
 def main() -> None:

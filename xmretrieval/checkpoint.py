@@ -129,6 +129,8 @@ def evaluate(model: RetrievalModel,  # a trained model (unwrapped, not DDP)
     from xmretrieval.metrics import retrieval_metrics
     for k, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ConfigError(f"`{k}` must be an int >= 1, got {v!r}")
+    custom = getattr(model, "evaluate_data", None)   # models that rank otherwise (a cross-encoder) say how
+    if custom is not None: return custom(data, batch_size=batch_size, chunk_size=chunk_size)
     t, v = model.embed(data, batch_size=batch_size)
     return retrieval_metrics(model.score(t, v, chunk_size=chunk_size), data.text_to_visual)
 

@@ -61,12 +61,20 @@ def xmr_eval(checkpoint: Param("a checkpoint file (best.safetensors or last.safe
          data: Param("benchmark name or folder of saved splits (default: the checkpoint's data)", str) = None,
          split: Param("split to evaluate", str) = "test",
          preset: Param("benchmark preset (default: the checkpoint's)", str) = None,
-         out: Param("also write the metrics to this JSON file", str) = None):
-    "Evaluate a checkpoint on a split; prints the metrics as JSON."
+         out: Param("also write the metrics to this JSON file", str) = None,
+         rerank: Param("a cross-encoder checkpoint (model 'rerank'): evaluate Coop, this checkpoint's top k_rerank reranked by it", str) = None,
+         k_rerank: Param("candidates the cross-encoder reranks per query (K)", int) = 20):
+    "Evaluate a checkpoint on a split (optionally as the first stage of a cross-encoder: Coop); prints the metrics as JSON."
     model, cfg, _ = load_checkpoint(checkpoint)
     d = load_split(_data_config(data, split, preset, cfg.data), split)
-    metrics = evaluate(model, d, cfg.eval_batch_size)
-    res = {"checkpoint": str(checkpoint), "data": d.name, "split": split, "metrics": metrics}
+    if rerank is None: metrics = evaluate(model, d, cfg.eval_batch_size)
+    else:   # Sep Coop (a bi-encoder, DivE, CRET ... checkpoint + a CE checkpoint) or Joint Coop (the same joint checkpoint twice)
+        from xmretrieval.models.rerank import coop_metrics
+        ce, _, _ = load_checkpoint(rerank, model_name="rerank")
+        with torch.no_grad(): sims = model.score(*model.embed(d, batch_size=cfg.eval_batch_size))
+        metrics = coop_metrics(sims, ce, d, k_rerank)
+    res = {"checkpoint": str(checkpoint), "data": d.name, "split": split, "metrics": metrics,
+           **({"rerank": str(rerank), "k_rerank": k_rerank} if rerank else {})}
     if out:
         with atomic_path(out) as tmp: tmp.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
@@ -132,25 +140,39 @@ def xmr_index(checkpoint: Param("a checkpoint file", str),
     meta = {"xmr_version": xmretrieval.__version__, "checkpoint": str(Path(checkpoint).resolve()), "data": d.name, "split": split,
             "checkpoint_sha256": file_digest(checkpoint), "index_sha256": file_digest(out),
             "ids_sha256": file_digest(f"{out}.ids.json"), "n_items": d.n_visual,
-            "data_digest": config_digest({"ids": d.visual_ids, "manifest": d.meta.get("manifest"), "split": split}), "backend": backend}
+            "data_digest": config_digest({"ids": d.visual_ids, "manifest": d.meta.get("manifest"), "split": split}), "backend": backend,
+            "data_config": _data_config(data, split, preset, cfg.data).to_dict()}
     with atomic_path(_meta_path(out)) as tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"indexed {d.n_visual} items of {d.name}/{split} -> {out}")
     return out
 
 def xmr_search(index: Param("an index written by `xmr index`", str),
            query: Param("the text query", str),
-           k: Param("number of results", int) = 5):
-    "Search an index with a text query; prints the top-k visual ids and scores."
+           k: Param("number of results", int) = 5,
+           rerank: Param("a cross-encoder checkpoint (model 'rerank', Joint or CE) that rescores the first k_rerank results", str) = None,
+           k_rerank: Param("first-stage results the cross-encoder rescores (K)", int) = 20):
+    "Search an index with a text query; prints the top-k visual ids and scores (optionally reranked by a cross-encoder)."
     p = Path(index)
     if not p.is_file() or not _meta_path(p).is_file():
         raise DataError(f"index {str(p)!r} does not exist (or lacks its {_meta_path(p).name}); write one with `xmr index`")
     if not isinstance(query, str) or not query.strip(): raise ConfigError(f"`query` is empty ({query!r}): give the text to search for")
     meta = _read_index_meta(p)
     gallery = Gallery.load(p)
-    model, _, _ = load_checkpoint(meta["checkpoint"])
+    model, cfg, _ = load_checkpoint(meta["checkpoint"])
     _warn_long_query(model, query)
     t = model.index_embeddings(model.encode_text([query]))   # raw caption -> frozen MiniLM features -> model
-    res = gallery.search(t, k=min(k, len(gallery)))
+    if rerank is None: res = gallery.search(t, k=min(k, len(gallery)))
+    else:
+        from xmretrieval.models.rerank import CrossEncoderReranker
+        ce, _, _ = load_checkpoint(rerank, model_name="rerank")
+        # the cross-encoder reads the raw items of the indexed split: the same items, in the same order
+        dc = DataConfig.from_dict(meta["data_config"]) if "data_config" in meta else cfg.data
+        d = load_split(dc, meta["split"])
+        if list(d.visual_ids) != list(gallery.ids):
+            raise DataError(f"the split {meta['data']}/{meta['split']} no longer holds the items of index {str(p)!r}; re-run `xmr index`")
+        kk = min(k_rerank, len(gallery))
+        res = gallery.search(t, k=min(k, kk), rerank=CrossEncoderReranker(ce, d.visual_local, d.visual_mask),
+                             k_rerank=kk, queries=[query])
     hits = [(i, float(s)) for i, s in zip(res.ids[0], res.scores[0])]
     for rank, (i, s) in enumerate(hits, 1): print(f"{rank:>3}  {s:+.4f}  {i}")
     return hits

@@ -429,8 +429,14 @@ class Gallery:
     def search(self, query_embeddings: Tensor,   # (nq, d) or (nq, kq, d), as the gallery
                k: int = 10,                      # results per query
                query_mask: Tensor | None = None, # (nq, kq) bool, set galleries only
+               rerank=None,                      # a Reranker (xmretrieval.models.rerank) holding this gallery's raw items
+               k_rerank: int = 20,               # first-stage candidates the reranker scores per query (K >= k)
+               queries=None,                     # the raw queries for the reranker (captions, or visual features)
+               rerank_mode: str = "replace",     # "replace", "linear" or "rank" (see the Reranker's `rerank`)
+               fusion_weight: float = 0.5,       # f of rerank_mode="linear"
               ) -> SearchResult:
-        "The k best gallery items for every query (numpy queries give numpy `indices` and `scores`, as faiss does)."
+        """The k best gallery items for every query (numpy queries give numpy `indices` and `scores`, as faiss does).
+        With `rerank`, the k_rerank best are rescored by the reranker and the k best of the new order returned."""
         kind = type(query_embeddings).__module__.split(".")[0] + "." + type(query_embeddings).__name__
         (query_embeddings, as_numpy), (query_mask, _) = _from_numpy(query_embeddings), _from_numpy(query_mask)
         if not isinstance(query_embeddings, Tensor):
@@ -441,13 +447,29 @@ class Gallery:
             raise ShapeError(f"this gallery holds {'sets (m, K, d)' if self.is_set else 'vectors (m, d)'}: "
                              f"`query_embeddings` must be {'(nq, kq, d)' if self.is_set else '(nq, d)'}, got "
                              f"{tuple(getattr(query_embeddings, 'shape', ()))}")
+        k_first = k
+        if rerank is not None:
+            if isinstance(k_rerank, bool) or not isinstance(k_rerank, (int, np.integer)) or k_rerank < 1:
+                raise ConfigError(f"`k_rerank` must be a positive int, got {k_rerank!r}")
+            if k_rerank > len(self): raise ShapeError(f"`k_rerank`={k_rerank} is larger than the gallery ({len(self)} items)")
+            k_first = int(k_rerank)
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= k_first:
+                raise ConfigError(f"`k` must be a positive int <= `k_rerank`={k_first} when reranking, got {k!r}")
+            if queries is None: raise ShapeError("`queries` (the raw queries the reranker reads) is required with `rerank`")
+            if getattr(rerank, "n_items", None) != len(self):
+                raise ShapeError(f"the reranker holds {getattr(rerank, 'n_items', None)} items but the gallery {len(self)}: "
+                                 "both must hold the same items in the same order")
         if hasattr(self.index, "metadata"):              # Milvus: ids come back with the results
-            r = self.index.search(query_embeddings, k, query_mask)
-            return SearchResult(*_like_input(as_numpy, r.indices, r.scores), r.ids)
-        if self.is_set: scores, pos = self.index.search(query_embeddings, k, query_mask)
+            r = self.index.search(query_embeddings, k_first, query_mask)
+            if rerank is None: return SearchResult(*_like_input(as_numpy, r.indices, r.scores), r.ids)
+            scores, pos = r.scores, r.indices
+        elif self.is_set: scores, pos = self.index.search(query_embeddings, k_first, query_mask)
         else:
             if query_mask is not None: raise ShapeError("`query_mask` applies to set galleries only")
-            scores, pos = self.index.search(query_embeddings, k)
+            scores, pos = self.index.search(query_embeddings, k_first)
+        if rerank is not None:
+            pos, scores = rerank.rerank(pos, scores, queries, rerank_mode, fusion_weight)
+            pos, scores = pos[:, :k].contiguous(), scores[:, :k].contiguous()
         ids = [[self.ids[j] if j >= 0 else None for j in row] for row in pos.tolist()]
         return SearchResult(*_like_input(as_numpy, pos, scores), ids)
 
