@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -85,16 +86,31 @@ class TrainConfig(Config):
 
 PRESETS_DIR = Path(xmretrieval.__file__).parent / "presets"
 
-def load_config(name_or_path: str | os.PathLike,  # a preset name (xmretrieval/presets/NAME.json) or a JSON/YAML file
-                **changes,                         # top-level overrides, e.g. epochs=2
-               ) -> TrainConfig:
-    "Load a `TrainConfig` from a preset name or a file, with optional overrides."
+def _preset_path(name_or_path: str | os.PathLike) -> Path:
     p = Path(name_or_path)
     if not p.suffix and not p.exists(): p = PRESETS_DIR / f"{name_or_path}.json"
     if not p.exists():
         known = sorted(q.stem for q in PRESETS_DIR.glob("*.json"))
         raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {known}")
-    cfg = TrainConfig.load(p)
+    return p
+
+def _merged(base: dict, over: dict) -> dict:
+    "`base` with `over` written on top, nested dicts key by key."
+    return {**base, **{k: _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items() if k != "_type"}}
+
+def load_config(name_or_path: str | os.PathLike,  # a preset name (xmretrieval/presets/NAME.json) or a JSON/YAML file
+                *overlays: str | os.PathLike,      # more presets/files written on top, in order (e.g. "quick")
+                **changes,                         # top-level overrides, e.g. epochs=2
+               ) -> TrainConfig:
+    "Load a `TrainConfig` from a preset name or a file, with optional overlays (partial configs) and overrides."
+    cfg = TrainConfig.load(_preset_path(name_or_path))
+    if overlays:
+        d = cfg.to_dict()
+        for o in overlays:
+            p = _preset_path(o)
+            d = _merged(d, json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text()))
+        cfg = TrainConfig.from_dict(d)
     return cfg.replace(**changes) if changes else cfg
 
 # %% ../nbs/07a_checkpoint.ipynb #25553122

@@ -203,7 +203,7 @@ def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny pres
     test = load_split(dcfg.data, "test")
     similarity = {s: runs["default" if s == "smooth_chamfer" else f"sim_{s}"]["metrics"] for s in SIMILARITY_LABELS}
     alpha_runs = {float(c["changes"]["alpha"]): c["metrics"] for n, c in runs.items() if n.startswith("alpha_")}
-    alpha_runs[float(dcfg.model_config["alpha"])] = runs["default"]["metrics"]
+    alpha_runs[float(dcfg.model_config_obj().alpha)] = runs["default"]["metrics"]
     arch_runs = {"pienet": "arch_pienet", "slot_mp": "sim_mp", "transformer": "arch_transformer", "slot": "default"}
     architecture = {a: {"RSUM": runs[n]["metrics"]["RSUM"], **set_statistics(_run_dir_model(runs[n]["dir"]), test)}
                     for a, n in arch_runs.items()}
