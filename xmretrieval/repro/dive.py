@@ -31,7 +31,7 @@ from ..train import train_seeds
 # %% auto #0
 __all__ = ['SIMILARITY_LABELS', 'ARCH_LABELS', 'METRIC_KEYS', 'PUBLISHED', 'dive_config', 'ablation_variants', 'chance_metrics',
            'set_statistics', 'nearest_captions', 'plot_set_tsne', 'plot_slot_attention', 'run_dive_reproduction',
-           'dive_markdown']
+           'dive_tables', 'dive_markdown']
 
 # %% ../../nbs/31_repro.dive.ipynb #808c35a0
 SIMILARITY_LABELS = {"max_sim": "MIL (max)", "mp": "MP", "chamfer": "Chamfer", "smooth_chamfer": "Smooth-Chamfer"}
@@ -228,33 +228,41 @@ def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny pres
     with atomic_path(out_dir / "dive.md") as tmp: tmp.write_text(dive_markdown(doc))
     return doc
 
+# %% ../../nbs/31_repro.dive.ipynb #71a01a58
+def dive_tables(doc: dict) -> dict[str, dict]:
+    "The reproduction's tables from its JSON: name -> {rows: {row: {column: value}}, keys: columns, digits}."
+    P = doc["published"]
+    ours = f"ours, {doc['benchmark']} {doc['preset']}, test"
+    main = {**{f"{k} ({ours})": v["mean_std"] for k, v in doc["main"].items()},
+            f"random ranking (expected, {doc['benchmark']} {doc['preset']}, test)": doc["chance"],
+            **{f"{k} (published, COCO 1K)": v for k, v in P["main_coco_1k"].items()},
+            **{f"{k} (published, COCO 5K)": v for k, v in P["main_coco_5k"].items()}}
+    sim = {SIMILARITY_LABELS[s]: {f"RSUM ({ours})": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"],
+                                  "RSUM (published)": P["similarity_rsum"][s]} for s, m in doc["similarity"].items()}
+    alpha = {f"α = {a}": {"RSUM": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"]} for a, m in doc["alpha"].items()}
+    arch = {ARCH_LABELS[a]: {"log Var (image sets)": r["log_var_visual"], "log Var (caption sets)": r["log_var_text"],
+                             f"RSUM ({ours})": r["RSUM"], "log Var (published)": P["architecture"][a]["log_var"],
+                             "RSUM (published)": P["architecture"][a]["RSUM"]} for a, r in doc["architecture"].items()}
+    near = [{"image": r["item"], "slot": r["element"], "nearest caption": r["caption"], "cosine": r["cosine"],
+             "its own caption?": "yes" if r["own_caption"] else "no"} for r in doc["nearest_captions"]]
+    return {"main": dict(rows=main, keys=METRIC_KEYS, digits=1),
+            "similarity": dict(rows=sim, keys=(f"RSUM ({ours})", "t2v/R@1", "v2t/R@1", "RSUM (published)"), digits=1),
+            "alpha": dict(rows=alpha, keys=("RSUM", "t2v/R@1", "v2t/R@1"), digits=1),
+            "architecture": dict(rows=arch, keys=("log Var (image sets)", "log Var (caption sets)", f"RSUM ({ours})",
+                                                  "log Var (published)", "RSUM (published)"), digits=2),
+            "nearest": dict(rows=near, keys=("image", "slot", "nearest caption", "cosine", "its own caption?"), digits=2)}
+
+# %% ../../nbs/31_repro.dive.ipynb #6b6939eb
 def dive_markdown(doc: dict) -> str:
     "The reproduction tables in the paper's layout, ours beside the published numbers."
-    P, mode = doc["published"], doc["mode"]
-    ours = f"ours, {doc['benchmark']} {doc['preset']}, test"
-    md = [f"# DivE reproduction ({mode} mode, {doc['benchmark']} {doc['preset']} preset, test split)", "",
-          f"## Main table (mean ± std over seeds {doc['seeds']})", "",
-          markdown_table({**{f"{k} ({ours})": v["mean_std"] for k, v in doc["main"].items()},
-                  f"random ranking (expected, {doc['benchmark']} {doc['preset']}, test)": doc["chance"],
-                  **{f"{k} (published, COCO 1K)": v for k, v in P["main_coco_1k"].items()},
-                  **{f"{k} (published, COCO 5K)": v for k, v in P["main_coco_5k"].items()}}, keys=METRIC_KEYS), "",
-          f"## Similarity ablation (seed {doc['seeds'][0]})", "",
-          markdown_table({SIMILARITY_LABELS[s]: {f"RSUM ({ours})": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"],
-                                         "RSUM (published)": P["similarity_rsum"][s]} for s, m in doc["similarity"].items()},
-                 keys=(f"RSUM ({ours})", "t2v/R@1", "v2t/R@1", "RSUM (published)")), "",
-          "Smooth-Chamfer temperature:", "",
-          markdown_table({f"α = {a}": {"RSUM": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"]} for a, m in doc["alpha"].items()},
-                 keys=("RSUM", "t2v/R@1", "v2t/R@1")), "",
-          "## Architecture ablation (Smooth-Chamfer unless noted; log-variance of the set elements)", "",
-          markdown_table({ARCH_LABELS[a]: {"log Var (image sets)": r["log_var_visual"], "log Var (caption sets)": r["log_var_text"],
-                                   f"RSUM ({ours})": r["RSUM"], "log Var (published)": P["architecture"][a]["log_var"],
-                                   "RSUM (published)": P["architecture"][a]["RSUM"]} for a, r in doc["architecture"].items()},
-                 keys=("log Var (image sets)", "log Var (caption sets)", f"RSUM ({ours})", "log Var (published)", "RSUM (published)"),
-                 digits=2), "",
-          "## Set elements of test images and their nearest captions", "",
-          "| image | slot | nearest caption | cosine | its own caption? |", "|---:|---:|---|---:|---|"]
-    md += [f"| {r['item']} | {r['element']} | {r['caption']} | {r['cosine']:.2f} | {'yes' if r['own_caption'] else 'no'} |"
-           for r in doc["nearest_captions"]]
-    md += ["", f"Published numbers: {P['source']}; copied as published. Configs beside every run under `dive/`. "
-           f"{doc['machine']}; wall time {doc['wall_time_s']:.0f} s.", ""]
+    T = dive_tables(doc)
+    tab = lambda n, **kw: markdown_table(T[n]["rows"], T[n]["keys"], T[n]["digits"], **kw)
+    md = [f"# DivE reproduction ({doc['mode']} mode, {doc['benchmark']} {doc['preset']} preset, test split)", "",
+          f"## Main table (mean ± std over seeds {doc['seeds']})", "", tab("main"), "",
+          f"## Similarity ablation (seed {doc['seeds'][0]})", "", tab("similarity"), "",
+          "Smooth-Chamfer temperature:", "", tab("alpha"), "",
+          "## Architecture ablation (Smooth-Chamfer unless noted; log-variance of the set elements)", "", tab("architecture"), "",
+          "## Set elements of test images and their nearest captions", "", tab("nearest", left=("nearest caption", "its own caption?")),
+          "", f"Published numbers: {doc['published']['source']}; copied as published. Configs beside every run under `dive/`. "
+          f"{doc['machine']}; wall time {doc['wall_time_s']:.0f} s.", ""]
     return "\n".join(md)
