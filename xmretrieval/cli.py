@@ -22,12 +22,16 @@ from .train import Trainer, markdown_table, train_seeds
 __all__ = ['COMMANDS', 'xmr_train', 'xmr_eval', 'xmr_index', 'xmr_search', 'main']
 
 # %% ../nbs/09_cli.ipynb #ddb73a2e
-def _data_config(data: str | None, split: str, preset: str | None, base: DataConfig) -> DataConfig:
-    "A DataConfig from --data (a benchmark name or a folder of saved splits), defaulting to the checkpoint's."
-    if data is None: d = base
+_DATA = Param("benchmark name or folder of saved splits (default: the checkpoint's data)", str)
+_PRESET = Param("benchmark preset (default: the checkpoint's)", str)
+
+def _checkpoint_and_split(checkpoint: str, data: str | None, split: str, preset: str | None):
+    "(model, its TrainConfig, the split): --data is a benchmark name or a folder of saved splits, default the checkpoint's."
+    model, cfg, _ = load_checkpoint(checkpoint)
+    if data is None: d = cfg.data
     elif Path(data).is_dir() or "/" in data or data.startswith("."): d = DataConfig(path=data)
-    else: d = base.replace(benchmark=data, path=None)
-    return d.replace(preset=preset) if preset else d
+    else: d = cfg.data.replace(benchmark=data, path=None)
+    return model, cfg, load_split(d.replace(preset=preset) if preset else d, split)
 
 def xmr_train(config: Param("a preset name (e.g. biencoder_tiny) or a JSON/YAML TrainConfig file", str),
           out: Param("output folder (default: runs/<config name>)", str) = None,
@@ -53,13 +57,10 @@ def xmr_train(config: Param("a preset name (e.g. biencoder_tiny) or a JSON/YAML 
     return summary
 
 def xmr_eval(checkpoint: Param("a checkpoint file (best.safetensors or last.safetensors)", str),
-         data: Param("benchmark name or folder of saved splits (default: the checkpoint's data)", str) = None,
-         split: Param("split to evaluate", str) = "test",
-         preset: Param("benchmark preset (default: the checkpoint's)", str) = None,
+         data: _DATA = None, split: Param("split to evaluate", str) = "test", preset: _PRESET = None,
          out: Param("also write the metrics to this JSON file", str) = None):
     "Evaluate a checkpoint on a split; prints the metrics as JSON."
-    model, cfg, _ = load_checkpoint(checkpoint)
-    d = load_split(_data_config(data, split, preset, cfg.data), split)
+    model, cfg, d = _checkpoint_and_split(checkpoint, data, split, preset)
     metrics = evaluate(model, d, cfg.eval_batch_size)
     res = {"checkpoint": str(checkpoint), "data": d.name, "split": split, "metrics": metrics}
     if out:
@@ -70,14 +71,11 @@ def xmr_eval(checkpoint: Param("a checkpoint file (best.safetensors or last.safe
 def _meta_path(index_path) -> Path: return Path(f"{index_path}.xmr.json")
 
 def xmr_index(checkpoint: Param("a checkpoint file", str),
-          data: Param("benchmark name or folder of saved splits (default: the checkpoint's data)", str) = None,
-          split: Param("split whose visual items are indexed", str) = "test",
-          preset: Param("benchmark preset (default: the checkpoint's)", str) = None,
+          data: _DATA = None, split: Param("split whose visual items are indexed", str) = "test", preset: _PRESET = None,
           out: Param("the index file to write (default: <checkpoint folder>/<split>.index)", str) = None):
     "Embed the visual items of a split with a checkpoint and save them as a searchable index (xmretrieval.index.Gallery)."
     out = Path(out or Path(checkpoint).parent / f"{split}.index")
-    model, cfg, _ = load_checkpoint(checkpoint)
-    d = load_split(_data_config(data, split, preset, cfg.data), split)
+    model, cfg, d = _checkpoint_and_split(checkpoint, data, split, preset)
     _, v = model.embed(d, batch_size=cfg.eval_batch_size)
     Gallery(v, d.visual_ids).save(out)
     meta = {"xmr_version": xmretrieval.__version__, "checkpoint": str(Path(checkpoint).resolve()), "data": d.name, "split": split}
