@@ -42,6 +42,7 @@ class OptimConfig(Config):
         if self.schedule not in ("cosine", "constant"): raise ConfigError(f"OptimConfig.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if not self.lr > 0: raise ConfigError(f"OptimConfig.lr must be > 0, got {self.lr}")
 
+# %% ../nbs/07a_checkpoint.ipynb #0dbc2167
 @dataclasses.dataclass
 class DataConfig(Config):
     "Which data to train and evaluate on: a registered benchmark, or a folder of saved splits."
@@ -53,6 +54,7 @@ class DataConfig(Config):
     test_split: str | None = "test"  # None: no test evaluation
     cache_dir: str | None = None     # benchmark cache (default $XMR_CACHE or ~/.cache/xmretrieval)
 
+# %% ../nbs/07a_checkpoint.ipynb #1db91917
 @dataclasses.dataclass
 class TrainConfig(Config):
     "Everything that defines a training run."
@@ -84,6 +86,7 @@ class TrainConfig(Config):
         cfg = cls.config_class.from_dict(self.model_config)
         return cls.config_for_data(cfg, data) if data is not None else cfg
 
+# %% ../nbs/07a_checkpoint.ipynb #a4995e63
 PRESETS_DIR = Path(xmretrieval.__file__).parent / "presets"
 
 def _preset_path(name_or_path: str | os.PathLike) -> Path:
@@ -161,6 +164,7 @@ def save_checkpoint(path: str | os.PathLike, model: RetrievalModel, config: Trai
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=meta)
     return path
 
+# %% ../nbs/07a_checkpoint.ipynb #3d95347b
 def read_checkpoint(path: str | os.PathLike, check_version: bool = True) -> tuple[dict, dict]:
     "The (tensors, header) of a checkpoint, after checking its format and version."
     path = Path(path)
@@ -177,6 +181,7 @@ def read_checkpoint(path: str | os.PathLike, check_version: bool = True) -> tupl
                               f"{xmretrieval.__version__}; pass check_version=False to load it anyway")
     return tensors, meta
 
+# %% ../nbs/07a_checkpoint.ipynb #e54a2c08
 def load_checkpoint(path: str | os.PathLike,
                     model_name: str | None = None,   # refuse a checkpoint of another model
                     check_version: bool = True,

@@ -40,6 +40,8 @@ ARCH_LABELS = {"pienet": "PIE-Net", "slot_mp": "DivE with MP", "transformer": "T
 METRIC_KEYS = ("v2t/R@1", "v2t/R@5", "v2t/R@10", "t2v/R@1", "t2v/R@5", "t2v/R@10", "RSUM")
 
 # copied from the paper (seed 002): COCO, Faster R-CNN + Bi-GRU; image-to-text = v2t, text-to-image = t2v
+
+# %% ../../nbs/31_repro.dive.ipynb #06addca6
 PUBLISHED = {
     "source": "Kim, Kim & Kwak, CVPR 2023 (seed 002), COCO, Faster R-CNN + Bi-GRU features",
     "main_coco_1k": {"VSE∞": dict(zip(METRIC_KEYS, (78.5, 96.0, 98.7, 61.7, 90.3, 95.6, 520.8))),
@@ -51,6 +53,7 @@ PUBLISHED = {
                      "transformer": {"log_var": -2.27, "RSUM": 496.1}, "slot": {"log_var": -2.13, "RSUM": 500.8}},
 }
 
+# %% ../../nbs/31_repro.dive.ipynb #99696122
 def dive_config(mode: str = "full",                  # "quick" (preset dive_tiny) or "full" (dive_emoji_*)
                 benchmark: str = "emoji-scenes",     # "emoji-scenes" or "emoji-objects"
                 **model_changes,                     # DiveConfig overrides, e.g. similarity="chamfer"
@@ -68,6 +71,7 @@ def dive_config(mode: str = "full",                  # "quick" (preset dive_tiny
         cfg = cfg.replace(model_config={**cfg.model_config, **model_changes})
     return cfg
 
+# %% ../../nbs/31_repro.dive.ipynb #e0b9f215
 def ablation_variants(mode: str = "full") -> dict[str, dict]:
     "Name -> DiveConfig changes of every ablation run (besides the default DivE of the main table)."
     alphas = (1.0, 4.0, 64.0) if mode == "full" else ()      # quick mode: no sweep (time)
@@ -121,6 +125,7 @@ def nearest_captions(model: DivE, data, items: list[int]) -> list[dict]:
                         "own_caption": bool(int(data.text_to_visual[j]) == int(i))})
     return out
 
+# %% ../../nbs/31_repro.dive.ipynb #2a263f5b
 @torch.no_grad()
 def plot_set_tsne(model: DivE, data, n_items: int = 10, seed: int = 0):
     "t-SNE of the visual set elements of `n_items` test items and the set elements of their captions."
@@ -144,6 +149,7 @@ def plot_set_tsne(model: DivE, data, n_items: int = 10, seed: int = 0):
     fig.tight_layout()
     return fig
 
+# %% ../../nbs/31_repro.dive.ipynb #91adc898
 @torch.no_grad()
 def plot_slot_attention(model: DivE, data, items: list[int], images: list):
     "Each slot's attention (mean over heads, last block) over the grid cells of the visual items `items`."
@@ -172,6 +178,7 @@ def _save_fig(fig, path):
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
+# %% ../../nbs/31_repro.dive.ipynb #ca1a3400
 @register_reproduction("dive", order=20)
 def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny preset, seconds) or "full" (make reproduce)
                           out_dir="results",                # writes out_dir/dive.{json,md} and out_dir/dive/...
