@@ -48,7 +48,7 @@ def models():
     from xmretrieval.train import load_config, param_groups
     out = {}
     for name, preset, dims in [("DivE", "dive_emoji_scenes", dict(visual_dim=1280, text_dim=384)),
-                               ("bi-encoder (VSE++)", "biencoder_vsepp_scenes", dict(d_visual=1280, d_text=384))]:
+                               ("bi-encoder (VSE++)", "biencoder_vsepp_scenes", dict(visual_dim=1280, text_dim=384))]:
         cfg = load_config(preset)
         torch.manual_seed(0)
         m = build_model(cfg.model, {**cfg.model_config, **dims})

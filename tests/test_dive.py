@@ -7,47 +7,11 @@ import torch.nn.functional as F
 
 from xmretrieval.core import ConfigError, ShapeError, fork_rng, make_generator
 from xmretrieval.models.base import build_model
+from xmretrieval.testing import aggregation_reference, dive_objective_reference, set_similarity_reference
 from xmretrieval.train import OptimConfig, param_groups
 from xmretrieval.models.dive import (AggregationBlock, DiveConfig, DiveLossConfig, DivE, PIENet, SetPredictionModule,
                                      SetSimilarity, attention_weights, dive_loss, drop_inputs, mmd_loss, mp_similarity,
                                      set_log_variance, sine_positions, uniformity_loss)
-
-
-# ---------------------------------------------------------------- references written with loops
-def loop_block(block, inputs, mask, pos=None):
-    "The aggregation block with explicit loops over samples, heads, slots and inputs (any attention mode)."
-    at, H, hd = block.attn, block.attn.heads, block.attn.head_dim
-    outs = []
-    for b in range(inputs.shape[0]):
-        L = inputs.shape[1]
-        valid = [j for j in range(L) if mask[b, j]]
-        ctx = block.norm_context(inputs[b])
-        kin = ctx if pos is None else ctx + pos[b]
-        x = block.queries.clone()
-        K = x.shape[0]
-        for _ in range(block.depth):
-            xn = block.norm_x(x)
-            heads = []
-            for h in range(H):
-                sl = slice(h * hd, (h + 1) * hd)
-                q, k, v = at.to_q(xn)[:, sl], at.to_k(kin)[:, sl], at.to_v(ctx)[:, sl]
-                s = torch.stack([torch.stack([q[i] @ k[j] for j in range(L)]) for i in range(K)]) / math.sqrt(hd)
-                w = torch.zeros(K, L)
-                if at.mode == "transformer":
-                    for i in range(K):
-                        e = torch.stack([s[i, j].exp() for j in valid])
-                        for n, j in enumerate(valid): w[i, j] = e[n] / e.sum()
-                else:
-                    cols = range(L) if at.faithful_padding else valid
-                    for j in cols:
-                        col = s[:, j] if j in valid else torch.zeros(K)   # official: masked -> equal logits
-                        w[:, j] = col.exp() / col.exp().sum()
-                    w = w / (w.sum(1, keepdim=True) + 1e-7)
-                heads.append(w @ v)
-            x = x + at.to_out(torch.cat(heads, 1))
-            x = x + block.ff(block.norm_ff(x))
-        outs.append(block.norm_out(x))
-    return torch.stack(outs)
 
 
 @pytest.mark.parametrize("mode,faithful", [("slot", False), ("slot", True), ("transformer", False)])
@@ -58,7 +22,7 @@ def test_aggregation_block_matches_loop_forward_and_gradient(mode, faithful):
         inp = torch.randn(3, 6, 5, requires_grad=True)
     mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3, [False, True, True, True, True, False]])
     out, attn = blk(inp, mask)
-    ref = loop_block(blk, inp, mask)
+    ref = aggregation_reference(blk, inp, mask)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     w = torch.randn_like(out)
     g_fast, = torch.autograd.grad((out * w).sum(), inp)
@@ -73,7 +37,7 @@ def test_positional_encoding_on_keys_matches_loop():
         inp = torch.randn(2, 5, 4)
     mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3])
     pos = sine_positions(mask, 4)
-    torch.testing.assert_close(blk(inp, mask, pos)[0], loop_block(blk, inp, mask, pos), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(blk(inp, mask, pos)[0], aggregation_reference(blk, inp, mask, pos), atol=1e-5, rtol=1e-4)
 
 
 def test_slot_axis_softmax_property():
@@ -132,14 +96,8 @@ def test_set_similarities_match_definitions_with_masks_and_chunks():
     for name in ["smooth_chamfer", "chamfer", "max_sim", "mp"]:
         sim = SetSimilarity(name, alpha=16.0, chunk_size=3)
         got = sim(X, Y, x_mask=xm)
-        for i in range(7):
-            for j in range(5):
-                xi = X[i, xm[i]]
-                C = xi @ Y[j].T
-                ref = {"smooth_chamfer": (torch.logsumexp(16 * C, 1).mean() + torch.logsumexp(16 * C, 0).mean()) / 32,
-                       "chamfer": (C.max(1).values.mean() + C.max(0).values.mean()) / 2,
-                       "max_sim": C.max(), "mp": torch.sigmoid(C).mean()}[name]
-                torch.testing.assert_close(got[i, j], ref, atol=1e-5, rtol=1e-5, msg=f"{name} {i} {j}")
+        ref = set_similarity_reference(name, X, Y, 16.0, x_mask=xm).float()     # MP at its initial a=1, b=0
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_mp_gradient_matches_direct():
@@ -148,7 +106,7 @@ def test_mp_gradient_matches_direct():
     Y = F.normalize(torch.randn(4, 3, 5, generator=g), dim=-1)
     a, b = torch.tensor(2.0, requires_grad=True), torch.tensor(-0.5, requires_grad=True)
     fast = mp_similarity(X, Y, a, b, chunk_size=2)
-    ref = torch.stack([torch.stack([torch.sigmoid(a * (X[i] @ Y[j].T) + b).mean() for j in range(4)]) for i in range(3)])
+    ref = set_similarity_reference("mp", X, Y, a=a, b=b).float()
     w = torch.randn(3, 4, generator=g)
     gf = torch.autograd.grad((fast * w).sum(), (X, a, b))
     gr = torch.autograd.grad((ref * w).sum(), (X, a, b))
@@ -156,27 +114,6 @@ def test_mp_gradient_matches_direct():
 
 
 # ---------------------------------------------------------------- loss
-def direct_objective(S, t2v, tset, vset, tres, vres, m=0.2, wm=0.01, wu=0.01):
-    "The DivE objective with loops over torch scalars (differentiable)."
-    nt, nv = S.shape
-    trip = 0
-    for t in range(nt):
-        v = int(t2v[t])
-        neg_v = max(S[t, u] for u in range(nv) if u != v)
-        neg_t = max(S[u, v] for u in range(nt) if int(t2v[u]) != v)
-        trip = trip + (m - S[t, v] + neg_v).clamp(min=0) / nt + (m - S[t, v] + neg_t).clamp(min=0) / nt
-    xs, ys = vset.reshape(-1, vset.shape[-1]), tset.reshape(-1, tset.shape[-1])
-    def k(A, B):
-        return sum(torch.exp(-0.5 * (a - b).pow(2).sum().clamp(min=1e-12).sqrt()) if not torch.equal(a, b) else 1.0
-                   for a in A for b in B) / (len(A) * len(B))
-    mmd = k(xs, xs) - 2 * k(xs, ys) + k(ys, ys)
-    def unif(R):
-        R = F.normalize(R, dim=-1); K = R.shape[1]
-        return sum(torch.exp(-2 * (R[b, i] - R[b, j]).pow(2).sum())
-                   for b in range(R.shape[0]) for i in range(K) for j in range(i + 1, K)) / (R.shape[0] * K * (K - 1) / 2)
-    return trip + wm * mmd + wu * (unif(vres) + unif(tres))
-
-
 def test_loss_matches_direct_computation_value_and_gradient():
     g = make_generator(5)
     tset = F.normalize(torch.randn(6, 3, 5, generator=g), dim=-1).requires_grad_()
@@ -186,7 +123,7 @@ def test_loss_matches_direct_computation_value_and_gradient():
     t2v = torch.tensor([0, 0, 1, 2, 3, 3])
     S = SetSimilarity("smooth_chamfer")(tset, vset)
     fast = dive_loss(S, t2v, tset, vset, tres, vres)["loss"]
-    ref = direct_objective(S, t2v, tset, vset, tres, vres)
+    ref = dive_objective_reference(S, t2v, tset, vset, tres, vres)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     gf = torch.autograd.grad(fast, (tset, vset, tres, vres), retain_graph=True)
     gr = torch.autograd.grad(ref, (tset, vset, tres, vres))

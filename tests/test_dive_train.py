@@ -24,7 +24,7 @@ def test_tiny_preset_trains_from_the_cli_and_reloads(tmp_path, one_thread):
     assert summary["model"] == "dive" and summary["steps"] == 2 * (48 // 16)
     assert (out / "config.json").exists() and (out / "best.safetensors").exists()
     model, cfg, _ = load_checkpoint(out / "best.safetensors", model_name="dive")
-    assert isinstance(model, DivE) and cfg.model_config["similarity"] == "smooth_chamfer"
+    assert isinstance(model, DivE) and cfg.model_config_obj().similarity == "smooth_chamfer"
     res = xmr_eval(str(out / "best.safetensors"), split="test")
     # the reloaded checkpoint reproduces the trainer's test metrics exactly
     for k in ("RSUM", "t2v/R@1", "v2t/R@10"):
@@ -32,7 +32,7 @@ def test_tiny_preset_trains_from_the_cli_and_reloads(tmp_path, one_thread):
 
 
 def test_quick_config_variants_validate():
-    assert dive_config("quick", similarity="mp").model_config["similarity"] == "mp"
+    assert dive_config("quick", similarity="mp").model_config_obj().similarity == "mp"
     with pytest.raises(Exception, match="DiveConfig.arch"):
         dive_config("quick", arch="perceiver")
     with pytest.raises(Exception, match="`mode`"):
@@ -64,7 +64,8 @@ def test_precomp_coco_preset_on_a_small_precomp_folder(tmp_path, one_thread):
         save_data(read_precomp(raw, split, text_features=True), conv / f"{split}.safetensors")
     cfg = load_config("dive_precomp_coco")
     assert (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) == ("train", "dev", "testall")
-    assert cfg.model_config["embed_dim"] == 1024 and cfg.model_config["head_dim"] == 512   # the paper's widths
+    mc = cfg.model_config_obj()
+    assert mc.embed_dim == 1024 and mc.head_dim == 512   # the paper's widths
     small = {**cfg.model_config, "embed_dim": 32, "head_dim": 8}
     cfg = cfg.replace(data=cfg.data.replace(path=str(conv)), model_config=small, epochs=2, batch_size=8,
                       progress=False, eval_batch_size=64)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from xmretrieval.index import EmbeddingIndex, Gallery, IndexConfig, SetEmbeddingIndex, clustered_unit_sets, clustered_unit_vectors
+from xmretrieval.index import EmbeddingIndex, Gallery, IndexConfig, SetEmbeddingIndex
+from xmretrieval.testing import clustered_unit_sets, clustered_unit_vectors
 
 
 @pytest.mark.parametrize("backend", ["flat", "hnsw", "ivf"])

@@ -8,37 +8,7 @@ import torch.nn.functional as F
 from xmretrieval.core import ConfigError, ShapeError
 from xmretrieval.similarity import (SET_SIMILARITIES, candidate_set_similarity, chamfer, cosine, max_sim,
                                     mean_sim, smooth_chamfer)
-
-
-def unit(g, *shape, dtype=torch.float32):
-    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).to(dtype)
-
-
-def ref_pair(name, X, Y, alpha):
-    s = X @ Y.T
-    if name == "smooth_chamfer":
-        return (torch.logsumexp(alpha * s, 1).sum() / (2 * alpha * len(X))
-                + torch.logsumexp(alpha * s, 0).sum() / (2 * alpha * len(Y)))
-    if name == "chamfer":
-        return (s.max(1).values.mean() + s.max(0).values.mean()) / 2
-    if name == "max_sim":
-        return s.max()
-    return s.mean()
-
-
-def reference(name, x, y, alpha=16.0, x_mask=None, y_mask=None):
-    rows = []
-    for i in range(len(x)):
-        X = x[i] if x_mask is None else x[i][x_mask[i]]
-        rows.append(torch.stack([ref_pair(name, X, y[j] if y_mask is None else y[j][y_mask[j]], alpha)
-                                 for j in range(len(y))]))
-    return torch.stack(rows)
-
-
-def masks(g, n, k):
-    m = torch.rand(n, k, generator=g) > 0.5
-    m[torch.arange(n), torch.randint(0, k, (n,), generator=g)] = True
-    return m
+from xmretrieval.testing import random_masks as masks, set_similarity_reference as reference, unit_vectors as unit
 
 
 @pytest.mark.parametrize("name", list(SET_SIMILARITIES))

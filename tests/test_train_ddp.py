@@ -30,7 +30,7 @@ def synthetic(split, n, caps=2, dv=24, dt=16, L=4, Lt=3):
 def test_ddp_two_processes_match_single_process(tmp_path, loss):
     data = tmp_path / "data"
     for split, n in (("train", 64), ("val", 16), ("test", 16)): save_data(synthetic(split, n), data / f"{split}.safetensors")
-    cfg = TrainConfig(model_config={"d_emb": 16, "dropout": 0.0, "loss": loss}, data=DataConfig(path=str(data), test_split=None),
+    cfg = TrainConfig(model_config={"embed_dim": 16, "dropout": 0.0, "loss": loss}, data=DataConfig(path=str(data), test_split=None),
                       optim=OptimConfig(lr=3e-3, warmup_steps=1), epochs=2, max_steps=6, batch_size=16,
                       captions_per_item=2, progress=False, num_threads=1, device="cpu")
     cfg_path = cfg.save(tmp_path / "cfg.json")

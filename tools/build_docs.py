@@ -54,7 +54,7 @@ GROUPS: list[tuple[str, range | None]] = [
     ("Training and inference", range(5, 10)),  # 05 encoders, 06 losses, 07 models.base/checkpoint, 08 train, 09 cli
     ("Models", range(10, 30)),            # 10 bi-encoder, 11 DivE, 12... one notebook per method (xmretrieval.models.*)
     ("Experiments", range(30, 90)),       # 30... reproduction notebooks (xmretrieval.repro.*)
-    ("Tooling", range(90, 100)),          # 90 make reproduce, 9x benchmarks
+    ("Tooling", range(90, 100)),          # 90 make reproduce, 9x benchmarks, 95 testing helpers
 ]
 GUIDES = "Guides"  # notebooks without a number prefix (other than index)
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -47,6 +48,7 @@ class OptimConfig(Config):
         bad = {k: v for k, v in self.lr_scales.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0}
         if bad: raise ConfigError(f"OptimConfig.lr_scales must map prefixes to numbers >= 0, got {bad}")
 
+# %% ../nbs/07a_checkpoint.ipynb #0dbc2167
 @dataclasses.dataclass
 class DataConfig(Config):
     "Which data to train and evaluate on: a registered benchmark, or a folder of saved splits."
@@ -58,6 +60,7 @@ class DataConfig(Config):
     test_split: str | None = "test"  # None: no test evaluation
     cache_dir: str | None = None     # benchmark cache (default $XMR_CACHE or ~/.cache/xmretrieval)
 
+# %% ../nbs/07a_checkpoint.ipynb #1db91917
 @dataclasses.dataclass
 class TrainConfig(Config):
     "Everything that defines a training run."
@@ -91,18 +94,34 @@ class TrainConfig(Config):
         cfg = cls.config_class.from_dict(self.model_config)
         return cls.config_for_data(cfg, data) if data is not None else cfg
 
+# %% ../nbs/07a_checkpoint.ipynb #a4995e63
 PRESETS_DIR = Path(xmretrieval.__file__).parent / "presets"
 
-def load_config(name_or_path: str | os.PathLike,  # a preset name (xmretrieval/presets/NAME.json) or a JSON/YAML file
-                **changes,                         # top-level overrides, e.g. epochs=2
-               ) -> TrainConfig:
-    "Load a `TrainConfig` from a preset name or a file, with optional overrides."
+def _preset_path(name_or_path: str | os.PathLike) -> Path:
     p = Path(name_or_path)
     if not p.suffix and not p.exists(): p = PRESETS_DIR / f"{name_or_path}.json"
     if not p.exists():
         known = sorted(q.stem for q in PRESETS_DIR.glob("*.json"))
         raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {known}")
-    cfg = TrainConfig.load(p)
+    return p
+
+def _merged(base: dict, over: dict) -> dict:
+    "`base` with `over` written on top, nested dicts key by key."
+    return {**base, **{k: _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items() if k != "_type"}}
+
+def load_config(name_or_path: str | os.PathLike,  # a preset name (xmretrieval/presets/NAME.json) or a JSON/YAML file
+                *overlays: str | os.PathLike,      # more presets/files written on top, in order (e.g. "quick")
+                **changes,                         # top-level overrides, e.g. epochs=2
+               ) -> TrainConfig:
+    "Load a `TrainConfig` from a preset name or a file, with optional overlays (partial configs) and overrides."
+    cfg = TrainConfig.load(_preset_path(name_or_path))
+    if overlays:
+        d = cfg.to_dict()
+        for o in overlays:
+            p = _preset_path(o)
+            d = _merged(d, json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text()))
+        cfg = TrainConfig.from_dict(d)
     return cfg.replace(**changes) if changes else cfg
 
 # %% ../nbs/07a_checkpoint.ipynb #25553122
@@ -158,6 +177,7 @@ def save_checkpoint(path: str | os.PathLike, model: RetrievalModel, config: Trai
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=meta)
     return path
 
+# %% ../nbs/07a_checkpoint.ipynb #3d95347b
 def read_checkpoint(path: str | os.PathLike, check_version: bool = True) -> tuple[dict, dict]:
     "The (tensors, header) of a checkpoint, after checking its format and version."
     path = Path(path)
@@ -180,6 +200,7 @@ def read_checkpoint(path: str | os.PathLike, check_version: bool = True) -> tupl
                               f"{xmretrieval.__version__}; pass check_version=False to load it anyway")
     return tensors, meta
 
+# %% ../nbs/07a_checkpoint.ipynb #e54a2c08
 def load_checkpoint(path: str | os.PathLike,
                     model_name: str | None = None,   # refuse a checkpoint of another model
                     check_version: bool = True,

@@ -25,12 +25,21 @@ from .data.core import config_digest
 __all__ = ['INDEX_BACKENDS', 'COMMANDS', 'xmr_train', 'xmr_eval', 'xmr_index', 'xmr_search', 'main']
 
 # %% ../nbs/09_cli.ipynb #ddb73a2e
-def _data_config(data: str | None, split: str, preset: str | None, base: DataConfig) -> DataConfig:
-    "A DataConfig from --data (a benchmark name or a folder of saved splits), defaulting to the checkpoint's."
+_DATA = Param("benchmark name or folder of saved splits (default: the checkpoint's data)", str)
+_PRESET = Param("benchmark preset (default: the checkpoint's)", str)
+
+def _data_config(data: str | None, preset: str | None, base: DataConfig) -> DataConfig:
+    "--data is a benchmark name or a folder of saved splits, default the checkpoint's (`base`)."
     if data is None: d = base
     elif Path(data).is_dir() or "/" in data or data.startswith("."): d = DataConfig(path=data)
     else: d = base.replace(benchmark=data, path=None)
     return d.replace(preset=preset) if preset else d
+
+def _checkpoint_and_split(checkpoint: str, data: str | None, split: str, preset: str | None):
+    "(model, its TrainConfig, the split's DataConfig, the split)."
+    model, cfg, _ = load_checkpoint(checkpoint)
+    dc = _data_config(data, preset, cfg.data)
+    return model, cfg, dc, load_split(dc, split)
 
 def xmr_train(config: Param("a preset name (e.g. biencoder_tiny) or a JSON/YAML TrainConfig file", str),
           out: Param("output folder (default: runs/<config name>)", str) = None,
@@ -58,15 +67,12 @@ def xmr_train(config: Param("a preset name (e.g. biencoder_tiny) or a JSON/YAML 
     return summary
 
 def xmr_eval(checkpoint: Param("a checkpoint file (best.safetensors or last.safetensors)", str),
-         data: Param("benchmark name or folder of saved splits (default: the checkpoint's data)", str) = None,
-         split: Param("split to evaluate", str) = "test",
-         preset: Param("benchmark preset (default: the checkpoint's)", str) = None,
+         data: _DATA = None, split: Param("split to evaluate", str) = "test", preset: _PRESET = None,
          out: Param("also write the metrics to this JSON file", str) = None,
          rerank: Param("a cross-encoder checkpoint (model 'rerank'): evaluate Coop, this checkpoint's top k_rerank reranked by it", str) = None,
          k_rerank: Param("candidates the cross-encoder reranks per query (K)", int) = 20):
     "Evaluate a checkpoint on a split (optionally as the first stage of a cross-encoder: Coop); prints the metrics as JSON."
-    model, cfg, _ = load_checkpoint(checkpoint)
-    d = load_split(_data_config(data, split, preset, cfg.data), split)
+    model, cfg, dc, d = _checkpoint_and_split(checkpoint, data, split, preset)
     if rerank is None: metrics = evaluate(model, d, cfg.eval_batch_size)
     else:   # Sep Coop (a bi-encoder, DivE, CRET ... checkpoint + a CE checkpoint) or Joint Coop (the same joint checkpoint twice)
         from xmretrieval.models.rerank import coop_metrics
@@ -111,9 +117,7 @@ def _warn_long_query(model, query: str) -> None:
     if n > limit: warnings.warn(f"the query has {n} tokens; only the first {limit} are used (it is truncated)", stacklevel=2)
 
 def xmr_index(checkpoint: Param("a checkpoint file", str),
-          data: Param("benchmark name or folder of saved splits (default: the checkpoint's data)", str) = None,
-          split: Param("split whose visual items are indexed", str) = "test",
-          preset: Param("benchmark preset (default: the checkpoint's)", str) = None,
+          data: _DATA = None, split: Param("split whose visual items are indexed", str) = "test", preset: _PRESET = None,
           out: Param("the index file to write (default: <checkpoint folder>/<split>.index)", str) = None,
           backend: Param("faiss (exact, IndexFlatIP), certified (exact, certified bf16 first pass; single vectors) or milvus", str) = "faiss",
           milvus_uri: Param("milvus: a Milvus Lite file (default: <out>.milvus.db) or a server URI, e.g. http://host:19530", str) = None,
@@ -121,8 +125,7 @@ def xmr_index(checkpoint: Param("a checkpoint file", str),
     "Embed the visual items of a split with a checkpoint and save them as a searchable index (xmretrieval.index.Gallery)."
     if backend not in INDEX_BACKENDS: raise ConfigError(f"--backend must be one of {INDEX_BACKENDS}, got {backend!r}")
     out = Path(out or Path(checkpoint).parent / f"{split}.index")
-    model, cfg, _ = load_checkpoint(checkpoint)
-    d = load_split(_data_config(data, split, preset, cfg.data), split)
+    model, cfg, dc, d = _checkpoint_and_split(checkpoint, data, split, preset)
     _, v = model.embed(d, batch_size=cfg.eval_batch_size)
     v = model.index_embeddings(v)
     config, metadata = None, None
@@ -141,7 +144,7 @@ def xmr_index(checkpoint: Param("a checkpoint file", str),
             "checkpoint_sha256": file_digest(checkpoint), "index_sha256": file_digest(out),
             "ids_sha256": file_digest(f"{out}.ids.json"), "n_items": d.n_visual,
             "data_digest": config_digest({"ids": d.visual_ids, "manifest": d.meta.get("manifest"), "split": split}), "backend": backend,
-            "data_config": _data_config(data, split, preset, cfg.data).to_dict()}
+            "data_config": dc.to_dict()}
     with atomic_path(_meta_path(out)) as tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"indexed {d.n_visual} items of {d.name}/{split} -> {out}")
     return out

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .core import Config, ConfigError, DataError, ShapeError, check_tensor
 
 # %% auto #0
-__all__ = ['Features', 'masked_mean', 'masked_max', 'resolve_text_path', 'TextEncoderConfig', 'TextEncoder',
+__all__ = ['Features', 'masked_mean', 'masked_max', 'resolve_text_path', 'TextEncoderConfig', 'TextEncoder', 'renamed_keys',
            'VisualEncoderConfig', 'VisualEncoder', 'efficientnet_lite0', 'scale_images', 'EfficientNetBackbone']
 
 # %% ../nbs/05_encoders.ipynb #56017970
@@ -67,12 +67,12 @@ class TextEncoderConfig(Config):
 class TextEncoder(nn.Module):
     "Text features for a batch: `encode_text(batch)` -> `Features` (token features, mask, pooled)."
     def __init__(self, config: TextEncoderConfig,
-                 d_features: int | None = None,   # width of precomputed features (kind='features')
+                 in_dim: int | None = None,   # width of precomputed features (kind='features')
                 ):
         super().__init__()
         self.config = config
         if config.kind == "features":
-            self.out_dim = d_features
+            self.out_dim = in_dim
             return
         from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
         path = resolve_text_path(config.path)
@@ -118,17 +118,29 @@ class TextEncoder(nn.Module):
     forward = encode_text
 
 # %% ../nbs/05_encoders.ipynb #eb53e906
+def renamed_keys(d: dict,                # a config dict (from JSON, a checkpoint header, ...)
+                 renames: dict[str, str], # old key -> new key
+                ) -> dict:
+    "`d` with renamed keys under their new names, so that configs and checkpoints written before a rename still load."
+    if not isinstance(d, dict): return d
+    return {renames.get(k, k): v for k, v in d.items()}
+
 @dataclasses.dataclass
 class VisualEncoderConfig(Config):
     "How to turn precomputed visual features (or images) into local + pooled features."
     kind: str = "features"      # "features" (precomputed local features) or "efficientnet" (images, end to end)
-    d_model: int = 0            # projection width; 0 = no projection (identity)
+    proj_dim: int = 0            # projection width; 0 = no projection (identity)
     temporal_layers: int = 0    # transformer layers over the local features (frames of a video); 0 = none
     n_heads: int = 4
     max_len: int = 64           # longest sequence of local features (position embeddings)
     dropout: float = 0.1
     pooling: str = "mean"       # "mean", "max" or "global"
     freeze: bool = True         # for "efficientnet": keep the backbone frozen
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        "As `Config.from_dict`; `d_model` (its earlier name) is read as `proj_dim`."
+        return super().from_dict(renamed_keys(d, {"d_model": "proj_dim"}))
 
     def __post_init__(self):
         if self.kind not in ("features", "efficientnet"): raise ConfigError(f"VisualEncoderConfig.kind must be 'features' or 'efficientnet', got {self.kind!r}")
@@ -140,13 +152,13 @@ class VisualEncoderConfig(Config):
 class VisualEncoder(nn.Module):
     "Visual features for a batch: `encode_visual(batch)` -> `Features` (projected local features, mask, pooled)."
     def __init__(self, config: VisualEncoderConfig,
-                 d_in: int = 1280,   # width of the precomputed local features (EfficientNet-Lite0: 1280)
+                 in_dim: int = 1280,   # width of the precomputed local features (EfficientNet-Lite0: 1280)
                 ):
         super().__init__()
-        self.config, self.d_in = config, d_in
+        self.config, self.in_dim = config, in_dim
         self.backbone = EfficientNetBackbone(freeze=config.freeze) if config.kind == "efficientnet" else None
-        self.out_dim = config.d_model or d_in
-        self.proj = nn.Linear(d_in, config.d_model) if config.d_model else nn.Identity()
+        self.out_dim = config.proj_dim or in_dim
+        self.proj = nn.Linear(in_dim, config.proj_dim) if config.proj_dim else nn.Identity()
         if config.temporal_layers:
             if self.out_dim % config.n_heads: raise ConfigError(f"visual width {self.out_dim} is not divisible by n_heads={config.n_heads}")
             self.pos = nn.Parameter(torch.zeros(config.max_len, self.out_dim))
@@ -164,10 +176,10 @@ class VisualEncoder(nn.Module):
             if local is None:       # pooled features only: enough for pooling="global"
                 if glob is None or self.config.pooling != "global":
                     raise DataError(f"VisualEncoder(pooling={self.config.pooling!r}) needs `visual_local` in the batch")
-                pooled = self.proj(check_tensor(glob, "visual_global", ndim=2, dims={1: self.d_in}))
+                pooled = self.proj(check_tensor(glob, "visual_global", ndim=2, dims={1: self.in_dim}))
                 return Features(pooled[:, None], torch.ones(len(pooled), 1, dtype=torch.bool, device=pooled.device), pooled)
             if mask is None: mask = torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)
-        check_tensor(local, "visual_local", ndim=3, dims={2: self.d_in})
+        check_tensor(local, "visual_local", ndim=3, dims={2: self.in_dim})
         x = self.proj(local)
         if self.config.temporal_layers:
             if x.shape[1] > self.config.max_len:

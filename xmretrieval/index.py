@@ -20,10 +20,11 @@ from torch import Tensor
 from .core import (CheckpointError, Config, ConfigError, ShapeError, atomic_path, check_mask, check_tensor,
                               check_unit_norm, make_generator)
 from .similarity import SET_SIMILARITIES, candidate_set_similarity, check_unit_vectors
+from .testing import clustered_unit_sets, clustered_unit_vectors   # re-exported: the synthetic data of this page
 
 # %% auto #0
-__all__ = ['BACKENDS', 'IndexConfig', 'SetIndexConfig', 'EmbeddingIndex', 'clustered_unit_vectors', 'recall_at_k',
-           'SetEmbeddingIndex', 'clustered_unit_sets', 'SearchResult', 'Gallery']
+__all__ = ['BACKENDS', 'IndexConfig', 'SetIndexConfig', 'EmbeddingIndex', 'recall_at_k', 'SetEmbeddingIndex', 'SearchResult',
+           'Gallery']
 
 # %% ../nbs/03_vector_index.ipynb #c90b69b7
 BACKENDS = ("flat", "ivf", "hnsw")
@@ -224,20 +225,6 @@ class EmbeddingIndex:
         return self
 
 # %% ../nbs/03_vector_index.ipynb #e4748e9c
-def clustered_unit_vectors(n: int,           # number of vectors
-                           dim: int,         # dimension
-                           n_centers: int = 100,  # mixture components
-                           spread: float = 0.5,   # within-cluster noise relative to the centre's norm
-                           seed: int = 0,
-                           centers: Tensor | None = None,  # reuse the centres of another draw (queries vs gallery)
-                          ) -> tuple[Tensor, Tensor]:      # (n, dim) unit vectors, (n_centers, dim) centres
-    "Unit vectors drawn around random centres: a synthetic stand-in for real embeddings in tests and benchmarks."
-    g = make_generator(seed)
-    if centers is None: centers = torch.randn(n_centers, dim, generator=g)
-    which = torch.randint(0, len(centers), (n,), generator=g)
-    x = centers[which] + spread * torch.randn(n, dim, generator=g)
-    return torch.nn.functional.normalize(x, dim=-1), centers
-
 def recall_at_k(found: Tensor,  # (nq, k) positions returned by an approximate search
                 exact: Tensor,  # (nq, k) positions of the exact search
                ) -> float:
@@ -360,13 +347,6 @@ class SetEmbeddingIndex:
         if tuple(self.sets.shape) != (header["items"], header["K"], header["dim"]) or len(self.owner) != self.elements.ntotal:
             raise CheckpointError(f"index {str(path)!r} is inconsistent with its header")
         return self
-
-# %% ../nbs/03_vector_index.ipynb #34fd9954
-def clustered_unit_sets(m: int, k: int, dim: int, n_centers: int = 100, spread: float = 0.5, seed: int = 0,
-                        centers: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    "m sets of k unit vectors, each element around a random centre of a shared mixture: (m, k, dim), centres."
-    x, centers = clustered_unit_vectors(m * k, dim, n_centers, spread, seed, centers)
-    return x.view(m, k, dim), centers
 
 # %% ../nbs/03_vector_index.ipynb #58fcdcca
 @dataclass

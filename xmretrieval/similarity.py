@@ -17,7 +17,7 @@ from .encoders import masked_mean
 
 
 # %% auto #0
-__all__ = ['check_unit_vectors', 'SET_SIMILARITIES', 'SET_SIMILARITY_NAMES', 'cosine', 'smooth_chamfer', 'chamfer', 'max_sim',
+__all__ = ['check_unit_vectors', 'chamfer', 'max_sim', 'SET_SIMILARITIES', 'SET_SIMILARITY_NAMES', 'cosine', 'smooth_chamfer',
            'mean_sim', 'candidate_set_similarity', 'mp_similarity']
 
 # %% ../nbs/01_similarity.ipynb #4a7fae3d
@@ -175,25 +175,22 @@ def smooth_chamfer(x: Tensor,            # query sets of unit vectors, (n, kx, d
     red = lambda s, xm, ym, inplace, pre: _reduce_smooth_chamfer(s, xm, ym, alpha, inplace, pre)
     return _chunked_sets(red, x, y, x_mask, y_mask, chunk_size, scale=alpha)
 
-def chamfer(x: Tensor,            # query sets of unit vectors, (n, kx, d)
-            y: Tensor,            # gallery sets of unit vectors, (m, ky, d)
-            *, x_mask: Tensor | None = None, y_mask: Tensor | None = None,
-            chunk_size: int | None = None, check: bool = True,
-           ) -> Tensor:           # (n, m)
-    "Chamfer similarity: mean of per-element maxima in both directions, averaged."
-    x_mask, y_mask = _check_sets(x, y, x_mask, y_mask, check)
-    return _chunked_sets(lambda s, xm, ym, inplace, pre: _reduce_chamfer(s, xm, ym, inplace),
-                         x, y, x_mask, y_mask, chunk_size)
+def _max_reduction(name: str, reduce: Callable, doc: str) -> Callable:
+    "A public set similarity from a max-type reduction of the cosine blocks (`_reduce_chamfer`, `_reduce_max`)."
+    def similarity(x: Tensor,            # query sets of unit vectors, (n, kx, d)
+                   y: Tensor,            # gallery sets of unit vectors, (m, ky, d)
+                   *, x_mask: Tensor | None = None, y_mask: Tensor | None = None,  # (n, kx) / (m, ky) bool
+                   chunk_size: int | None = None,    # gallery sets per block (None: blocks of ~8M cosines)
+                   check: bool = True,               # validate inputs (shapes, masks, unit norms)
+                  ) -> Tensor:                       # (n, m)
+        x_mask, y_mask = _check_sets(x, y, x_mask, y_mask, check)
+        return _chunked_sets(lambda s, xm, ym, inplace, pre: reduce(s, xm, ym, inplace), x, y, x_mask, y_mask, chunk_size)
+    similarity.__name__ = similarity.__qualname__ = name
+    similarity.__doc__ = doc
+    return similarity
 
-def max_sim(x: Tensor,            # query sets of unit vectors, (n, kx, d)
-            y: Tensor,            # gallery sets of unit vectors, (m, ky, d)
-            *, x_mask: Tensor | None = None, y_mask: Tensor | None = None,
-            chunk_size: int | None = None, check: bool = True,
-           ) -> Tensor:           # (n, m)
-    "MIL / PVSE similarity: the largest cosine over all element pairs."
-    x_mask, y_mask = _check_sets(x, y, x_mask, y_mask, check)
-    return _chunked_sets(lambda s, xm, ym, inplace, pre: _reduce_max(s, xm, ym, inplace),
-                         x, y, x_mask, y_mask, chunk_size)
+chamfer = _max_reduction("chamfer", _reduce_chamfer, "Chamfer similarity: mean of per-element maxima in both directions, averaged.")
+max_sim = _max_reduction("max_sim", _reduce_max, "MIL / PVSE similarity: the largest cosine over all element pairs.")
 
 def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     return x.mean(1) if mask is None else masked_mean(x, mask)

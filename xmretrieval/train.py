@@ -112,6 +112,13 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict)
 # %% ../nbs/08_train.ipynb #bfdc3448
 _RESUME_IGNORED = ("device", "progress", "num_threads")
 
+def _canonical(d: dict) -> dict:
+    "A TrainConfig dict with its model config parsed by the model's class: renamed keys mapped, defaults filled."
+    try:
+        cfg = TrainConfig.from_dict(d)
+        return {**cfg.to_dict(), "model_config": cfg.model_config_obj().to_dict()}
+    except XMRError: return d          # not parseable (another version): compared as written
+
 def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
@@ -291,7 +298,7 @@ class Trainer:
         tensors, meta = read_checkpoint(path)
         if meta["model_name"] != self.config.model:
             raise CheckpointError(f"cannot resume: {str(path)!r} holds a {meta['model_name']!r} model, the config asks for {self.config.model!r}")
-        diff = _config_diff(json.loads(meta["train_config"]), self.config.to_dict())
+        diff = _config_diff(_canonical(json.loads(meta["train_config"])), _canonical(self.config.to_dict()))
         if diff: raise CheckpointError(f"cannot resume {str(path)!r} with a different config: {'; '.join(diff)}")
         _load_weights(model, tensors, path)
         _load_optimizer(opt, tensors, meta)
@@ -344,7 +351,7 @@ def train_seeds(config: TrainConfig,
         again = resume and (d / "last.safetensors").exists()
         if again and (d / "metrics.json").exists():       # a finished run: reuse it if it has the same config
             done = json.loads((d / "metrics.json").read_text())
-            diff = _config_diff(done["config"], config.replace(seed=s).to_dict())
+            diff = _config_diff(_canonical(done["config"]), _canonical(config.replace(seed=s).to_dict()))
             if diff: raise CheckpointError(f"{str(d)!r} holds a finished run of another config ({'; '.join(diff)}); "
                                            "delete it or choose another out_dir")
             runs.append(done); continue

@@ -81,9 +81,9 @@ class RetrievalData:
     @property
     def n_text(self) -> int: return len(self.captions)
     @property
-    def d_visual(self) -> int: return self.visual_global.shape[1]
+    def visual_dim(self) -> int: return self.visual_global.shape[1]
     @property
-    def d_text(self) -> int | None:
+    def text_dim(self) -> int | None:
         t = self.text_global if self.text_global is not None else self.text_local
         return None if t is None else t.shape[-1]
 
@@ -115,10 +115,10 @@ class RetrievalData:
 
     def __repr__(self):
         L = self.visual_local.shape[1]
-        t = "no text features" if self.d_text is None else f"d_t={self.d_text}" + (
+        t = "no text features" if self.text_dim is None else f"d_t={self.text_dim}" + (
             f", Lt={self.text_local.shape[1]}" if self.text_local is not None else "")
         return (f"RetrievalData({self.name!r}, split={self.split!r}, n_visual={self.n_visual}, "
-                f"n_text={self.n_text}, d_v={self.d_visual}, L={L}, {t})")
+                f"n_text={self.n_text}, d_v={self.visual_dim}, L={L}, {t})")
 
 # %% ../../nbs/04_data.core.ipynb #c328cc99
 FORMAT_VERSION = 1

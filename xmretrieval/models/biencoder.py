@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import Config, ConfigError, DataError
-from ..encoders import TextEncoder, TextEncoderConfig, VisualEncoder, VisualEncoderConfig
+from ..encoders import TextEncoder, TextEncoderConfig, VisualEncoder, VisualEncoderConfig, renamed_keys
 from ..losses import InfoNCELoss, TripletLoss
 from .base import RetrievalModel, make_batch, register_model
 
@@ -25,9 +25,9 @@ class BiEncoderConfig(Config):
     "The bi-encoder: encoders, heads, embedding width and loss."
     text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
     visual: VisualEncoderConfig = dataclasses.field(default_factory=VisualEncoderConfig)
-    d_text: int = 0             # width of precomputed text features (0: read from the data)
-    d_visual: int = 0           # width of precomputed visual features (0: read from the data)
-    d_emb: int = 256            # joint embedding width
+    text_dim: int = 0             # width of precomputed text features (0: read from the data)
+    visual_dim: int = 0           # width of precomputed visual features (0: read from the data)
+    embed_dim: int = 256            # joint embedding width
     head: str = "mlp"           # "linear" or "mlp" (linear + 2-layer MLP residual)
     dropout: float = 0.1        # in the MLP head
     loss: str = "triplet"       # "triplet" (VSE++) or "infonce"
@@ -37,6 +37,11 @@ class BiEncoderConfig(Config):
     temperature: float = 0.05   # InfoNCE initial temperature
     learnable_temperature: bool = True
 
+    @classmethod
+    def from_dict(cls, d: dict):
+        "As `Config.from_dict`; the earlier names (`d_text`, `d_visual`, `d_emb`) are read as the `*_dim` ones."
+        return super().from_dict(renamed_keys(d, {"d_text": "text_dim", "d_visual": "visual_dim", "d_emb": "embed_dim"}))
+
     def __post_init__(self):
         if self.head not in ("linear", "mlp"): raise ConfigError(f"BiEncoderConfig.head must be 'linear' or 'mlp', got {self.head!r}")
         if self.loss not in ("triplet", "infonce"): raise ConfigError(f"BiEncoderConfig.loss must be 'triplet' or 'infonce', got {self.loss!r}")
@@ -45,39 +50,39 @@ class BiEncoderConfig(Config):
 
 class Head(nn.Module):
     "Linear map to the joint space, plus (mlp=True) a 2-layer GELU MLP residual."
-    def __init__(self, d_in: int, d_out: int, mlp: bool = True, dropout: float = 0.1):
+    def __init__(self, in_dim: int, out_dim: int, mlp: bool = True, dropout: float = 0.1):
         super().__init__()
-        self.linear = nn.Linear(d_in, d_out)
-        self.mlp = nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_out, d_out)) if mlp else None
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(out_dim, out_dim)) if mlp else None
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x) + (self.mlp(x) if self.mlp is not None else 0)
 
 @register_model("biencoder")
 class BiEncoder(RetrievalModel):
-    "Bi-encoder baseline: unit embeddings (B, d_emb) per caption and per item, cosine similarity."
+    "Bi-encoder baseline: unit embeddings (B, embed_dim) per caption and per item, cosine similarity."
     config_class = BiEncoderConfig
 
     @classmethod
     def config_for_data(cls, config: BiEncoderConfig, data) -> BiEncoderConfig:
         changes = {}
-        if not config.d_visual: changes["d_visual"] = int(data.visual_local.shape[-1])
-        if not config.d_text and config.text.kind == "features":
+        if not config.visual_dim: changes["visual_dim"] = int(data.visual_local.shape[-1])
+        if not config.text_dim and config.text.kind == "features":
             feats = data.text_global if data.text_global is not None else data.text_local
             if feats is None: raise DataError(f"{data.name}/{data.split} has no precomputed text features; use text.kind='hf'")
-            changes["d_text"] = int(feats.shape[-1])
+            changes["text_dim"] = int(feats.shape[-1])
         return config.replace(**changes) if changes else config
 
     def __init__(self, config: BiEncoderConfig):
         super().__init__(config)
-        if config.visual.kind == "features" and not config.d_visual:
-            raise ConfigError("BiEncoderConfig.d_visual is 0: set it, or build through BiEncoder.config_for_data(config, data)")
-        if config.text.kind == "features" and not config.d_text:
-            raise ConfigError("BiEncoderConfig.d_text is 0: set it, or build through BiEncoder.config_for_data(config, data)")
-        self.text_encoder = TextEncoder(config.text, d_features=config.d_text)
-        self.visual_encoder = VisualEncoder(config.visual, d_in=config.d_visual or 1280)
+        if config.visual.kind == "features" and not config.visual_dim:
+            raise ConfigError("BiEncoderConfig.visual_dim is 0: set it, or build through BiEncoder.config_for_data(config, data)")
+        if config.text.kind == "features" and not config.text_dim:
+            raise ConfigError("BiEncoderConfig.text_dim is 0: set it, or build through BiEncoder.config_for_data(config, data)")
+        self.text_encoder = TextEncoder(config.text, in_dim=config.text_dim)
+        self.visual_encoder = VisualEncoder(config.visual, in_dim=config.visual_dim or 1280)
         mlp = config.head == "mlp"
-        self.text_head = Head(self.text_encoder.out_dim, config.d_emb, mlp, config.dropout)
-        self.visual_head = Head(self.visual_encoder.out_dim, config.d_emb, mlp, config.dropout)
+        self.text_head = Head(self.text_encoder.out_dim, config.embed_dim, mlp, config.dropout)
+        self.visual_head = Head(self.visual_encoder.out_dim, config.embed_dim, mlp, config.dropout)
         if config.loss == "triplet":
             self.loss = TripletLoss(config.margin, config.max_violation, config.reduction, similarity=self.similarity)
         else:

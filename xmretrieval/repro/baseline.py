@@ -27,16 +27,16 @@ BASELINE_BENCHMARKS = {"emoji-objects": "objects", "emoji-scenes": "scenes", "em
 BASELINE_LOSSES = {"triplet": "vsepp", "infonce": "infonce"}
 LOSS_NAMES = {"triplet": "VSE++ (triplet, hardest negative)", "infonce": "InfoNCE"}
 
+# %% ../../nbs/30_repro.baseline.ipynb #c8bacead
 def baseline_config(benchmark: str, loss: str, mode: str = "full"):
-    "The TrainConfig of one baseline run: preset `biencoder_{vsepp|infonce}_{objects|scenes|video}`, shrunk in quick mode."
+    "The TrainConfig of one baseline run: preset `biencoder_{vsepp|infonce}_{objects|scenes|video}`, with the `quick` overlay in quick mode."
     if benchmark not in BASELINE_BENCHMARKS: raise ConfigError(f"unknown baseline benchmark {benchmark!r}; choose from {list(BASELINE_BENCHMARKS)}")
     if loss not in BASELINE_LOSSES: raise ConfigError(f"unknown baseline loss {loss!r}; choose from {list(BASELINE_LOSSES)}")
-    cfg = load_config(f"biencoder_{BASELINE_LOSSES[loss]}_{BASELINE_BENCHMARKS[benchmark]}")
-    if mode == "quick":
-        cfg = cfg.replace(data=cfg.data.replace(preset="tiny"), epochs=3, batch_size=16, progress=False, num_threads=1)
-    elif mode != "full": raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
-    return cfg
+    if mode not in ("quick", "full"): raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
+    preset = f"biencoder_{BASELINE_LOSSES[loss]}_{BASELINE_BENCHMARKS[benchmark]}"
+    return load_config(preset, "quick") if mode == "quick" else load_config(preset)
 
+# %% ../../nbs/30_repro.baseline.ipynb #69580984
 @register_reproduction("biencoder", order=10)
 def run_baseline(mode: str = "quick",                     # "quick" (tiny preset, seconds) or "full" (make reproduce)
                  out_dir: str | os.PathLike = "results",   # results/biencoder.{json,md} + results/biencoder/...

@@ -31,7 +31,7 @@ from ..train import train_seeds
 # %% auto #0
 __all__ = ['SIMILARITY_LABELS', 'ARCH_LABELS', 'METRIC_KEYS', 'PUBLISHED', 'dive_config', 'ablation_variants', 'chance_metrics',
            'set_statistics', 'nearest_captions', 'plot_set_tsne', 'plot_slot_attention', 'run_dive_reproduction',
-           'dive_markdown']
+           'dive_tables', 'dive_markdown']
 
 # %% ../../nbs/31_repro.dive.ipynb #808c35a0
 SIMILARITY_LABELS = {"max_sim": "MIL (max)", "mp": "MP", "chamfer": "Chamfer", "smooth_chamfer": "Smooth-Chamfer"}
@@ -40,6 +40,8 @@ ARCH_LABELS = {"pienet": "PIE-Net", "slot_mp": "DivE with MP", "transformer": "T
 METRIC_KEYS = ("v2t/R@1", "v2t/R@5", "v2t/R@10", "t2v/R@1", "t2v/R@5", "t2v/R@10", "RSUM")
 
 # copied from the paper (seed 002): COCO, Faster R-CNN + Bi-GRU; image-to-text = v2t, text-to-image = t2v
+
+# %% ../../nbs/31_repro.dive.ipynb #06addca6
 PUBLISHED = {
     "source": "Kim, Kim & Kwak, CVPR 2023 (seed 002), COCO, Faster R-CNN + Bi-GRU features",
     "main_coco_1k": {"VSE∞": dict(zip(METRIC_KEYS, (78.5, 96.0, 98.7, 61.7, 90.3, 95.6, 520.8))),
@@ -51,6 +53,7 @@ PUBLISHED = {
                      "transformer": {"log_var": -2.27, "RSUM": 496.1}, "slot": {"log_var": -2.13, "RSUM": 500.8}},
 }
 
+# %% ../../nbs/31_repro.dive.ipynb #99696122
 def dive_config(mode: str = "full",                  # "quick" (preset dive_tiny) or "full" (dive_emoji_*)
                 benchmark: str = "emoji-scenes",     # "emoji-scenes" or "emoji-objects"
                 **model_changes,                     # DiveConfig overrides, e.g. similarity="chamfer"
@@ -68,6 +71,7 @@ def dive_config(mode: str = "full",                  # "quick" (preset dive_tiny
         cfg = cfg.replace(model_config={**cfg.model_config, **model_changes})
     return cfg
 
+# %% ../../nbs/31_repro.dive.ipynb #e0b9f215
 def ablation_variants(mode: str = "full") -> dict[str, dict]:
     "Name -> DiveConfig changes of every ablation run (besides the default DivE of the main table)."
     alphas = (1.0, 4.0, 64.0) if mode == "full" else ()      # quick mode: no sweep (time)
@@ -121,6 +125,7 @@ def nearest_captions(model: DivE, data, items: list[int]) -> list[dict]:
                         "own_caption": bool(int(data.text_to_visual[j]) == int(i))})
     return out
 
+# %% ../../nbs/31_repro.dive.ipynb #2a263f5b
 @torch.no_grad()
 def plot_set_tsne(model: DivE, data, n_items: int = 10, seed: int = 0):
     "t-SNE of the visual set elements of `n_items` test items and the set elements of their captions."
@@ -144,6 +149,7 @@ def plot_set_tsne(model: DivE, data, n_items: int = 10, seed: int = 0):
     fig.tight_layout()
     return fig
 
+# %% ../../nbs/31_repro.dive.ipynb #91adc898
 @torch.no_grad()
 def plot_slot_attention(model: DivE, data, items: list[int], images: list):
     "Each slot's attention (mean over heads, last block) over the grid cells of the visual items `items`."
@@ -172,6 +178,7 @@ def _save_fig(fig, path):
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
+# %% ../../nbs/31_repro.dive.ipynb #ca1a3400
 @register_reproduction("dive", order=20)
 def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny preset, seconds) or "full" (make reproduce)
                           out_dir="results",                # writes out_dir/dive.{json,md} and out_dir/dive/...
@@ -203,7 +210,7 @@ def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny pres
     test = load_split(dcfg.data, "test")
     similarity = {s: runs["default" if s == "smooth_chamfer" else f"sim_{s}"]["metrics"] for s in SIMILARITY_LABELS}
     alpha_runs = {float(c["changes"]["alpha"]): c["metrics"] for n, c in runs.items() if n.startswith("alpha_")}
-    alpha_runs[float(dcfg.model_config["alpha"])] = runs["default"]["metrics"]
+    alpha_runs[float(dcfg.model_config_obj().alpha)] = runs["default"]["metrics"]
     arch_runs = {"pienet": "arch_pienet", "slot_mp": "sim_mp", "transformer": "arch_transformer", "slot": "default"}
     architecture = {a: {"RSUM": runs[n]["metrics"]["RSUM"], **set_statistics(_run_dir_model(runs[n]["dir"]), test)}
                     for a, n in arch_runs.items()}
@@ -228,33 +235,41 @@ def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny pres
     with atomic_path(out_dir / "dive.md") as tmp: tmp.write_text(dive_markdown(doc))
     return doc
 
+# %% ../../nbs/31_repro.dive.ipynb #71a01a58
+def dive_tables(doc: dict) -> dict[str, dict]:
+    "The reproduction's tables from its JSON: name -> {rows: {row: {column: value}}, keys: columns, digits}."
+    P = doc["published"]
+    ours = f"ours, {doc['benchmark']} {doc['preset']}, test"
+    main = {**{f"{k} ({ours})": v["mean_std"] for k, v in doc["main"].items()},
+            f"random ranking (expected, {doc['benchmark']} {doc['preset']}, test)": doc["chance"],
+            **{f"{k} (published, COCO 1K)": v for k, v in P["main_coco_1k"].items()},
+            **{f"{k} (published, COCO 5K)": v for k, v in P["main_coco_5k"].items()}}
+    sim = {SIMILARITY_LABELS[s]: {f"RSUM ({ours})": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"],
+                                  "RSUM (published)": P["similarity_rsum"][s]} for s, m in doc["similarity"].items()}
+    alpha = {f"α = {a}": {"RSUM": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"]} for a, m in doc["alpha"].items()}
+    arch = {ARCH_LABELS[a]: {"log Var (image sets)": r["log_var_visual"], "log Var (caption sets)": r["log_var_text"],
+                             f"RSUM ({ours})": r["RSUM"], "log Var (published)": P["architecture"][a]["log_var"],
+                             "RSUM (published)": P["architecture"][a]["RSUM"]} for a, r in doc["architecture"].items()}
+    near = [{"image": r["item"], "slot": r["element"], "nearest caption": r["caption"], "cosine": r["cosine"],
+             "its own caption?": "yes" if r["own_caption"] else "no"} for r in doc["nearest_captions"]]
+    return {"main": dict(rows=main, keys=METRIC_KEYS, digits=1),
+            "similarity": dict(rows=sim, keys=(f"RSUM ({ours})", "t2v/R@1", "v2t/R@1", "RSUM (published)"), digits=1),
+            "alpha": dict(rows=alpha, keys=("RSUM", "t2v/R@1", "v2t/R@1"), digits=1),
+            "architecture": dict(rows=arch, keys=("log Var (image sets)", "log Var (caption sets)", f"RSUM ({ours})",
+                                                  "log Var (published)", "RSUM (published)"), digits=2),
+            "nearest": dict(rows=near, keys=("image", "slot", "nearest caption", "cosine", "its own caption?"), digits=2)}
+
+# %% ../../nbs/31_repro.dive.ipynb #6b6939eb
 def dive_markdown(doc: dict) -> str:
     "The reproduction tables in the paper's layout, ours beside the published numbers."
-    P, mode = doc["published"], doc["mode"]
-    ours = f"ours, {doc['benchmark']} {doc['preset']}, test"
-    md = [f"# DivE reproduction ({mode} mode, {doc['benchmark']} {doc['preset']} preset, test split)", "",
-          f"## Main table (mean ± std over seeds {doc['seeds']})", "",
-          markdown_table({**{f"{k} ({ours})": v["mean_std"] for k, v in doc["main"].items()},
-                  f"random ranking (expected, {doc['benchmark']} {doc['preset']}, test)": doc["chance"],
-                  **{f"{k} (published, COCO 1K)": v for k, v in P["main_coco_1k"].items()},
-                  **{f"{k} (published, COCO 5K)": v for k, v in P["main_coco_5k"].items()}}, keys=METRIC_KEYS), "",
-          f"## Similarity ablation (seed {doc['seeds'][0]})", "",
-          markdown_table({SIMILARITY_LABELS[s]: {f"RSUM ({ours})": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"],
-                                         "RSUM (published)": P["similarity_rsum"][s]} for s, m in doc["similarity"].items()},
-                 keys=(f"RSUM ({ours})", "t2v/R@1", "v2t/R@1", "RSUM (published)")), "",
-          "Smooth-Chamfer temperature:", "",
-          markdown_table({f"α = {a}": {"RSUM": m["RSUM"], "t2v/R@1": m["t2v/R@1"], "v2t/R@1": m["v2t/R@1"]} for a, m in doc["alpha"].items()},
-                 keys=("RSUM", "t2v/R@1", "v2t/R@1")), "",
-          "## Architecture ablation (Smooth-Chamfer unless noted; log-variance of the set elements)", "",
-          markdown_table({ARCH_LABELS[a]: {"log Var (image sets)": r["log_var_visual"], "log Var (caption sets)": r["log_var_text"],
-                                   f"RSUM ({ours})": r["RSUM"], "log Var (published)": P["architecture"][a]["log_var"],
-                                   "RSUM (published)": P["architecture"][a]["RSUM"]} for a, r in doc["architecture"].items()},
-                 keys=("log Var (image sets)", "log Var (caption sets)", f"RSUM ({ours})", "log Var (published)", "RSUM (published)"),
-                 digits=2), "",
-          "## Set elements of test images and their nearest captions", "",
-          "| image | slot | nearest caption | cosine | its own caption? |", "|---:|---:|---|---:|---|"]
-    md += [f"| {r['item']} | {r['element']} | {r['caption']} | {r['cosine']:.2f} | {'yes' if r['own_caption'] else 'no'} |"
-           for r in doc["nearest_captions"]]
-    md += ["", f"Published numbers: {P['source']}; copied as published. Configs beside every run under `dive/`. "
-           f"{doc['machine']}; wall time {doc['wall_time_s']:.0f} s.", ""]
+    T = dive_tables(doc)
+    tab = lambda n, **kw: markdown_table(T[n]["rows"], T[n]["keys"], T[n]["digits"], **kw)
+    md = [f"# DivE reproduction ({doc['mode']} mode, {doc['benchmark']} {doc['preset']} preset, test split)", "",
+          f"## Main table (mean ± std over seeds {doc['seeds']})", "", tab("main"), "",
+          f"## Similarity ablation (seed {doc['seeds'][0]})", "", tab("similarity"), "",
+          "Smooth-Chamfer temperature:", "", tab("alpha"), "",
+          "## Architecture ablation (Smooth-Chamfer unless noted; log-variance of the set elements)", "", tab("architecture"), "",
+          "## Set elements of test images and their nearest captions", "", tab("nearest", left=("nearest caption", "its own caption?")),
+          "", f"Published numbers: {doc['published']['source']}; copied as published. Configs beside every run under `dive/`. "
+          f"{doc['machine']}; wall time {doc['wall_time_s']:.0f} s.", ""]
     return "\n".join(md)
