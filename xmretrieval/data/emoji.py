@@ -31,7 +31,8 @@ __all__ = ['FONT_PATHS', 'CLDR_DIRS', 'SPLITS', 'PROTOCOLS', 'PRESETS', 'BENCH_P
            'renderable', 'vocabulary', 'EmojiBenchConfig', 'preset_config', 'EmojiItem', 'concept_pool',
            'train_compositions', 'object_item', 'relation', 'scene_item', 'video_item', 'filmstrip', 'caption_true',
            'true_match_lists', 'composition_stats', 'n_items', 'benchmark_item', 'render_item', 'emoji_manifest',
-           'build_emoji_benchmark', 'plot_examples', 'sizes_table', 'build_times_table']
+           'build_emoji_benchmark', 'plot_examples', 'split_items', 'plot_true_matches', 'sizes_table',
+           'build_times_table']
 
 # %% ../../nbs/04a_data.emoji.ipynb #a0c4fa6a
 FONT_PATHS = ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",
@@ -686,6 +687,53 @@ def plot_examples(name: str, preset: str = "tiny", split: str = "test", idx=(0, 
     fig.tight_layout()
     return fig
 
+# %% ../../nbs/04a_data.emoji.ipynb #f5b5fb0f
+def split_items(name: str, preset: str, split: str) -> list[EmojiItem]:
+    "Every item of a split, generated (images and info, no features)."
+    return [benchmark_item(name, preset, split, i) for i in range(n_items(name, preset, split))]
+
+def plot_true_matches(name: str, preset: str = "tiny", split: str = "test",
+                      captions=None,       # caption indices in the split (None: the first `n` with several true items)
+                      n: int = 3,          # captions to draw when `captions` is None
+                      max_items: int = 4,  # items drawn per caption
+                      frames_every: int = 4, width: float = 2.2):
+    "A figure: per caption, its text and the items it is TRUE of (own item first, framed green)."
+    import textwrap
+    import matplotlib.pyplot as plt
+    items = split_items(name, preset, split)
+    caps = [c for it in items for c in it.captions]
+    own = [i for i, it in enumerate(items) for _ in it.captions]
+    match = true_match_lists(name, [it.info for it in items], [c for it in items for c in it.info["captions"]])
+    if captions is None:  # distinct wordings with several true items first
+        multi = [j for j, m in enumerate(match) if len(m) > 1]
+        captions = ([j for k, j in enumerate(multi) if caps[j] not in {caps[x] for x in multi[:k]}] or list(range(len(caps))))[:n]
+    video = name == "emoji-video"
+    ncols = 1 + (1 if video else max_items)
+    rows = []
+    for j in captions:
+        others = [i for i in match[j] if i != own[j]]
+        ids = [own[j]] + others[:max_items - 1]
+        rows += [(j, ids[k:k + 1]) for k in range(len(ids))] if video else [(j, ids)]
+    col_w = [1.6 * width] + [(16 // frames_every if video else 1) * width] * (ncols - 1)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(sum(col_w), 1.1 * width * len(rows)), squeeze=False, dpi=60,
+                             gridspec_kw={"width_ratios": col_w})
+    for ax in axes.flat: ax.axis("off")
+    for r, (j, ids) in enumerate(rows):
+        first = r == 0 or rows[r - 1][0] != j
+        if first:
+            axes[r, 0].text(0, 0.5, textwrap.fill(f"\u201c{caps[j]}\u201d\ntrue of {len(match[j])} item(s)", 26),
+                            va="center", fontsize=9, transform=axes[r, 0].transAxes)
+        for c, i in enumerate(ids):
+            ax = axes[r, 1 + c]
+            v = items[i].visual
+            ax.imshow(filmstrip(v, frames_every) if video else v)
+            ax.set_title(items[i].id + (" (own)" if i == own[j] else ""), fontsize=8)
+            if i == own[j]:
+                ax.axis("on"); ax.set_xticks([]); ax.set_yticks([])
+                for s in ax.spines.values(): s.set_color("green"); s.set_linewidth(3)
+    fig.tight_layout()
+    return fig
+
 # %% ../../nbs/04a_data.emoji.ipynb #a5936d8f
 def sizes_table(names=tuple(ITEM_MAKERS), presets=("tiny", "full")):
     "A pandas table of items and captions per split for each benchmark preset."
@@ -695,8 +743,11 @@ def sizes_table(names=tuple(ITEM_MAKERS), presets=("tiny", "full")):
         for preset in presets:
             cfg = preset_config(name, preset)
             n = {s: n_items(name, preset, s) for s in SPLITS}
+            voc = len(vocabulary(cfg.seed, cfg.vocab_size)) if name != "emoji-objects" else None
             rows.append({"benchmark": name, "preset": preset, **{f"{s} items": n[s] for s in SPLITS},
                          "captions / item": cfg.captions_per_item,
+                         "protocols": ", ".join(BENCH_PROTOCOLS[name]) + " (default first)" if name != "emoji-objects" else "unseen-concept",
+                         "vocabulary": voc if voc else "every emoji of the split",
                          "visual": f"{cfg.frames} frames of {cfg.image_size} px" if name == "emoji-video"
                                    else f"{cfg.image_size} px image, 7x7 grid"})
     return pd.DataFrame(rows).set_index(["benchmark", "preset"])
