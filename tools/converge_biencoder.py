@@ -103,7 +103,23 @@ def main():
     ax.grid(alpha=0.3); ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(out / "val_curves.png") as tmp: fig.savefig(tmp, format="png")
-    print(json.dumps(doc["selected"], indent=1), flush=True)
+    sel = doc["selected"]
+    md = [f"# {a.preset} trained to convergence on {base.data.benchmark} ({base.data.preset}), seed {a.seed}", "",
+          "Sweep on validation (one run per point, cosine schedule over the given epochs; the best-validation "
+          "checkpoint of each run is kept). Selected by validation RSUM only.", "",
+          "| lr | epochs | best epoch | best in last 10 % | val RSUM | test RSUM | train s |", "|---:|---:|---:|---|---:|---:|---:|"]
+    md += [f"| {r['lr']:g} | {r['epochs']} | {r['best_epoch']} | {r['best_in_last_10pct']} | {r['val_RSUM']:.1f} | "
+           f"{r['test_RSUM']:.1f} | {r['train_time_s']:.0f} |" for r in rows]
+    md += ["", f"Selected: lr {sel['lr']:g}, {sel['epochs']} epochs (best epoch {sel['best_epoch']}). Test "
+           f"(the selected run's best-validation checkpoint; chance RSUM {doc['chance_RSUM']}):", "",
+           "| " + " | ".join(sel["test"]) + " |", "|" + "---:|" * len(sel["test"]),
+           "| " + " | ".join(f"{v:.1f}" for v in sel["test"].values()) + " |", "",
+           "Plausibility-aware (exact true matches):", "",
+           "| " + " | ".join(sel["test_plausible"]) + " |", "|" + "---:|" * len(sel["test_plausible"]),
+           "| " + " | ".join(f"{v:.1f}" for v in sel["test_plausible"].values()) + " |", "",
+           "![validation curves](val_curves.png)", "", f"Machine: {doc['machine']}."]
+    with atomic_path(out / "summary.md") as tmp: tmp.write_text("\n".join(md) + "\n")
+    print(json.dumps(sel, indent=1), flush=True)
 
 
 if __name__ == "__main__":
