@@ -62,7 +62,7 @@ def load(benchmark: str, split: str, force_synthetic: bool, quick: bool):
 def one(name: str, quick: bool, force_synthetic: bool) -> dict:
     "Run one variant in this process (called in a fresh subprocess)."
     import torch
-    from xmretrieval.models.biencoder import baseline_config
+    from xmretrieval.repro.baseline import baseline_config
     from xmretrieval.train import Trainer, evaluate
     bench, loss, bf16, threads = VARIANTS[name]
     torch.set_num_threads(threads)

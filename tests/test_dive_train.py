@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from xmretrieval.cli import xmr_eval, xmr_train
-from xmretrieval.models.dive import DivE, chance_metrics, dive_config
+from xmretrieval.models.dive import DivE
+from xmretrieval.repro.dive import chance_metrics, dive_config
 from xmretrieval.train import Trainer, evaluate, load_checkpoint, load_config
 
 

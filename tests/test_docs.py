@@ -107,7 +107,7 @@ def test_small_site_pages_and_navigation(small_site):
     index = (site / "index.html").read_text()
     nav = index[index.index("sidebar-tree"):]
     assert "Core library" in nav and 'href="core.html"' in nav
-    assert "Benchmarks &amp; reproduce" in nav and 'href="docs_sample.html"' in nav
+    assert "Tooling" in nav and 'href="docs_sample.html"' in nav
 
 
 def test_small_site_content(small_site):
@@ -189,12 +189,12 @@ def test_show_doc_to_myst(bd):
 
 def test_sidebar_groups(bd):
     g = lambda name: bd.group_of(Path(name))  # noqa: E731
-    assert g("00_core.ipynb") == g("03a_index.ipynb") == "Core library"
+    assert g("00_core.ipynb") == g("00b_api.ipynb") == g("03a_index.ipynb") == "Core library"
     assert g("04c_data.published.ipynb") == "Data"
-    assert g("05_encoders.ipynb") == g("09_cli.ipynb") == "Training"
+    assert g("05_encoders.ipynb") == g("07a_checkpoint.ipynb") == g("09_cli.ipynb") == "Training and inference"
     assert g("10_models.biencoder.ipynb") == g("13_models.cret.ipynb") == "Models"
-    assert g("31_repro.dive.ipynb") == "Reproductions"
-    assert g("90_reproduce.ipynb") == g("92_bench_training.ipynb") == "Benchmarks & reproduce"
+    assert g("31_repro.dive.ipynb") == g("33_repro.x.ipynb") == "Experiments"
+    assert g("90_reproduce.ipynb") == g("92_bench_training.ipynb") == "Tooling"
     assert g("tutorial.ipynb") == "Guides"
 
 

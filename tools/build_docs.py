@@ -49,12 +49,12 @@ class DocsError(Exception):
 # Navigation: sidebar groups from notebook file names (first match wins), so new notebooks need no config.
 # ---------------------------------------------------------------------------------------------------
 GROUPS: list[tuple[str, range | None]] = [
-    ("Core library", range(0, 4)),        # 00 core, 01 similarity, 02 metrics, 03 index
+    ("Core library", range(0, 4)),        # 00 core, registry, API; 01 similarity, 02 metrics, 03 index
     ("Data", range(4, 5)),                # 04, 04a, 04b ... datasets and features
-    ("Training", range(5, 10)),           # 05 encoders ... 09 cli
-    ("Models", range(10, 30)),            # 10 bi-encoder, 11 DivE, 12 rerank, 13 CRET
-    ("Reproductions", range(30, 90)),     # 30 ... reproduction notebooks
-    ("Benchmarks & reproduce", range(90, 100)),
+    ("Training and inference", range(5, 10)),  # 05 encoders, 06 losses, 07 models.base/checkpoint, 08 train, 09 cli
+    ("Models", range(10, 30)),            # 10 bi-encoder, 11 DivE, 12... one notebook per method (xmretrieval.models.*)
+    ("Experiments", range(30, 90)),       # 30... reproduction notebooks (xmretrieval.repro.*)
+    ("Tooling", range(90, 100)),          # 90 make reproduce, 9x benchmarks
 ]
 GUIDES = "Guides"  # notebooks without a number prefix (other than index)
 

@@ -14,9 +14,9 @@ from fastcore.script import Param, anno_parser, store_true
 
 import xmretrieval
 from .core import CheckpointError, ConfigError, DataError, XMRError, atomic_path
-from .models.base import text_batch
-from .train import (DataConfig, Trainer, evaluate, load_checkpoint, load_config, load_split,
-                               markdown_table, train_seeds)
+from .checkpoint import DataConfig, evaluate, load_checkpoint, load_config, load_split
+from .index import Gallery
+from .train import Trainer, markdown_table, train_seeds
 
 # %% auto #0
 __all__ = ['COMMANDS', 'xmr_train', 'xmr_eval', 'xmr_index', 'xmr_search', 'main']
@@ -75,7 +75,6 @@ def xmr_index(checkpoint: Param("a checkpoint file", str),
           preset: Param("benchmark preset (default: the checkpoint's)", str) = None,
           out: Param("the index file to write (default: <checkpoint folder>/<split>.index)", str) = None):
     "Embed the visual items of a split with a checkpoint and save them as a searchable index (xmretrieval.index.Gallery)."
-    from xmretrieval.index import Gallery
     out = Path(out or Path(checkpoint).parent / f"{split}.index")
     model, cfg, _ = load_checkpoint(checkpoint)
     d = load_split(_data_config(data, split, preset, cfg.data), split)
@@ -86,27 +85,17 @@ def xmr_index(checkpoint: Param("a checkpoint file", str),
     print(f"indexed {d.n_visual} items of {d.name}/{split} -> {out}")
     return out
 
-def _query_batch(model, query: str) -> dict:
-    "A one-caption text batch: raw caption plus the frozen MiniLM features the data module would store."
-    b = {"captions": [query]}
-    if getattr(getattr(model, "config", None), "text", None) is None or model.config.text.kind == "features":
-        from xmretrieval.data.features import FeatureConfig, encode_texts
-        local, mask, pooled = encode_texts([query], FeatureConfig(progress=False))
-        b.update(text_local=local, text_mask=mask, text_global=pooled)
-    return b
-
 def xmr_search(index: Param("an index written by `xmr index`", str),
            query: Param("the text query", str),
            k: Param("number of results", int) = 5):
     "Search an index with a text query; prints the top-k visual ids and scores."
-    from xmretrieval.index import Gallery
     p = Path(index)
     if not p.is_file() or not _meta_path(p).is_file():
         raise DataError(f"index {str(p)!r} does not exist (or lacks its {_meta_path(p).name}); write one with `xmr index`")
     meta = json.loads(_meta_path(p).read_text())
     gallery = Gallery.load(p)
     model, _, _ = load_checkpoint(meta["checkpoint"])
-    with torch.no_grad(): t = model.encode_text(_query_batch(model, query)).float()
+    t = model.encode_text([query])                  # raw caption -> frozen MiniLM features -> model
     res = gallery.search(t, k=min(k, len(gallery)))
     hits = [(i, float(s)) for i, s in zip(res.ids[0], res.scores[0])]
     for rank, (i, s) in enumerate(hits, 1): print(f"{rank:>3}  {s:+.4f}  {i}")

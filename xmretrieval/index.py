@@ -69,7 +69,16 @@ class SetIndexConfig(Config):
 # %% ../nbs/03_vector_index.ipynb #e80fab1a
 _FORMAT_VERSION = 1
 
+def _from_numpy(x) -> tuple:
+    "A numpy array becomes a torch tensor sharing its memory; returns (x, whether it was numpy)."
+    return (torch.from_numpy(np.asarray(x)), True) if isinstance(x, np.ndarray) else (x, False)
+
+def _like_input(as_numpy: bool, *xs):
+    "Return tensors as numpy arrays when the input was numpy (like faiss), else unchanged."
+    return tuple(x.numpy() for x in xs) if as_numpy else xs
+
 def _as_f32(x: Tensor, name: str, dim: int | None, normalized: bool) -> np.ndarray:
+    x, _ = _from_numpy(x)
     check_tensor(x, name, ndim=2, finite=not normalized)   # unit vectors: one pass over the norms checks both
     if dim is not None and x.shape[1] != dim:
         raise ShapeError(f"`{name}` has dimension {x.shape[1]} (shape {tuple(x.shape)}) but the index holds {dim}-d vectors")
@@ -175,8 +184,9 @@ class EmbeddingIndex:
 
     def search(self, queries: Tensor,  # (nq, dim) unit vectors
                k: int = 10,            # neighbours per query
-              ) -> tuple[Tensor, Tensor]:  # scores (nq, k) float32, descending; positions (nq, k) int64
+              ) -> tuple[Tensor, Tensor]:  # scores (nq, k) float32, descending; positions (nq, k) int64 (numpy for numpy queries)
         "The `k` highest inner products of every query with the indexed vectors."
+        queries, as_numpy = _from_numpy(queries)
         qs = _as_f32(queries, "queries", self.dim, self.config.normalized)
         k = _check_k(k, self.ntotal)
         c = self.config
@@ -184,7 +194,7 @@ class EmbeddingIndex:
         if c.backend == "hnsw": self._index.hnsw.efSearch = max(c.ef_search, k)
         scores, ids = self._index.search(qs, k)
         scores, ids = torch.from_numpy(scores), torch.from_numpy(ids)
-        return scores.masked_fill_(ids < 0, -math.inf), ids
+        return _like_input(as_numpy, scores.masked_fill_(ids < 0, -math.inf), ids)
 
     def _header(self) -> dict:
         return {"format": "xmretrieval-index", "version": _FORMAT_VERSION, "kind": "embedding", "dim": self.dim,
@@ -258,6 +268,7 @@ class SetEmbeddingIndex:
             mask: Tensor | None = None,      # (m, K) bool, True = valid element
            ):
         "Add m sets (all with the same K as the ones already added)."
+        (sets, _), (mask, _) = _from_numpy(sets), _from_numpy(mask)
         check_tensor(sets, "sets", ndim=3, finite=False)
         if sets.shape[2] != self.dim:
             raise ShapeError(f"`sets` has element dimension {sets.shape[2]} (shape {tuple(sets.shape)}), the index holds {self.dim}-d")
@@ -301,6 +312,7 @@ class SetEmbeddingIndex:
                query_mask: Tensor | None = None,      # (nq, kq) bool
               ) -> tuple[Tensor, Tensor]:             # scores (nq, k) float32, positions (nq, k) int64
         "Top-k gallery sets by exact set similarity among the first stage's candidates."
+        (queries, as_numpy), (query_mask, _) = _from_numpy(queries), _from_numpy(query_mask)
         check_tensor(queries, "queries", ndim=3, finite=False)
         if queries.shape[2] != self.dim:
             raise ShapeError(f"`queries` has element dimension {queries.shape[2]} (shape {tuple(queries.shape)}), the index holds {self.dim}-d")
@@ -326,7 +338,7 @@ class SetEmbeddingIndex:
             top = sc.topk(kk, dim=1)
             scores[s0:s0 + len(qb), :kk] = top.values
             pos[s0:s0 + len(qb), :kk] = torch.where(torch.isinf(top.values), -1, cb.gather(1, top.indices))
-        return scores, pos
+        return _like_input(as_numpy, scores, pos)
 
     def save(self, path: str | os.PathLike) -> Path:
         "Write the element index, the gallery sets, mask and config to one file, atomically."
@@ -365,8 +377,8 @@ def clustered_unit_sets(m: int, k: int, dim: int, n_centers: int = 100, spread: 
 @dataclass
 class SearchResult:
     "Top-k search results: positions into the gallery, scores (descending) and the matching ids."
-    indices: Tensor               # (nq, k) int64 gallery positions (-1 = no result)
-    scores: Tensor                # (nq, k) float32 similarities
+    indices: Tensor               # (nq, k) int64 gallery positions (-1 = no result); numpy for numpy queries
+    scores: Tensor                # (nq, k) float32 similarities; numpy for numpy queries
     ids: list[list[str | None]]   # (nq, k) gallery ids (None where indices is -1)
 
     def __len__(self) -> int: return len(self.indices)
@@ -374,11 +386,12 @@ class SearchResult:
 class Gallery:
     "Encoded gallery items with their ids, indexed for `search`."
     def __init__(self,
-                 embeddings: Tensor,             # (m, d) unit vectors or (m, K, d) sets of unit vectors
+                 embeddings: Tensor,             # (m, d) unit vectors or (m, K, d) sets of unit vectors (torch or numpy)
                  ids: list[str] | None = None,   # one id per item (default "0", "1", ...)
                  config: IndexConfig | SetIndexConfig | None = None,  # IndexConfig for vectors, SetIndexConfig for sets
                  mask: Tensor | None = None,     # (m, K) bool for sets of unequal size
                 ):
+        (embeddings, _), (mask, _) = _from_numpy(embeddings), _from_numpy(mask)
         if not isinstance(embeddings, Tensor) or embeddings.ndim not in (2, 3):
             raise ShapeError(f"`embeddings` must be a (m, d) or (m, K, d) tensor, got "
                              f"{tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__}")
@@ -404,7 +417,8 @@ class Gallery:
                k: int = 10,                      # results per query
                query_mask: Tensor | None = None, # (nq, kq) bool, set galleries only
               ) -> SearchResult:
-        "The k best gallery items for every query."
+        "The k best gallery items for every query (numpy queries give numpy `indices` and `scores`, as faiss does)."
+        (query_embeddings, as_numpy), (query_mask, _) = _from_numpy(query_embeddings), _from_numpy(query_mask)
         if not isinstance(query_embeddings, Tensor) or query_embeddings.ndim != (3 if self.is_set else 2):
             raise ShapeError(f"this gallery holds {'sets (m, K, d)' if self.is_set else 'vectors (m, d)'}: "
                              f"`query_embeddings` must be {'(nq, kq, d)' if self.is_set else '(nq, d)'}, got "
@@ -414,7 +428,7 @@ class Gallery:
             if query_mask is not None: raise ShapeError("`query_mask` applies to set galleries only")
             scores, pos = self.index.search(query_embeddings, k)
         ids = [[self.ids[j] if j >= 0 else None for j in row] for row in pos.tolist()]
-        return SearchResult(pos, scores, ids)
+        return SearchResult(*_like_input(as_numpy, pos, scores), ids)
 
     def save(self, path: str | os.PathLike) -> Path:
         "Write the index and, beside it (`<path>.ids.json`), the ids."

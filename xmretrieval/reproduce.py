@@ -5,7 +5,6 @@
 # %% ../nbs/90_reproduce.ipynb #aa95c8cd
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import platform
@@ -19,24 +18,24 @@ from tqdm.auto import tqdm
 
 from .core import ConfigError, atomic_path
 from .data.core import BENCHMARK_MODULES, get_benchmark, load_benchmark
+from .registry import Registry
 
 # %% auto #0
-__all__ = ['REPRODUCTIONS', 'MODES', 'build_benchmarks', 'update_readme', 'reproduce', 'main']
+__all__ = ['REPRODUCTIONS', 'MODES', 'register_reproduction', 'build_benchmarks', 'update_readme', 'reproduce', 'main']
 
 # %% ../nbs/90_reproduce.ipynb #2d6e3b96
-REPRODUCTIONS: dict[str, str] = {
-    "biencoder": "xmretrieval.models.biencoder:run_baseline",
-    "dive": "xmretrieval.models.dive:run_dive_reproduction",
-}
-"Reproductions run by `make reproduce`, in order: name -> 'module:function' taking (mode, out_dir)."
+REPRODUCTIONS = Registry("reproduction", package="xmretrieval.repro")
+"Reproductions run by `make reproduce`, by `order`: name -> function `run(mode, out_dir)`; found in `xmretrieval.repro.*`."
+
+def register_reproduction(name: str,       # the name in `--only` and of the tables `out_dir/<name>.md`
+                          order: int = 100, # position in `make reproduce` (baseline 10, DivE 20, ...)
+                         ):
+    "Decorator: register a reproduction runner `run(mode, out_dir) -> dict` that writes `out_dir/<name>.{json,md}`."
+    return REPRODUCTIONS.register(name, order=order)
 
 MODES = ("quick", "full")
 
 # %% ../nbs/90_reproduce.ipynb #6abf1d7f
-def _runner(spec: str):
-    mod, _, fn = spec.partition(":")
-    return getattr(importlib.import_module(mod), fn)
-
 def build_benchmarks(mode: str = "full",                  # "full" builds the full presets, "quick" the tiny ones
                      out_dir: str | os.PathLike = "results",  # writes benchmarks.json / benchmarks.md here
                      names: list[str] | None = None,       # default: every registered benchmark
@@ -87,17 +86,20 @@ def reproduce(mode: str = "full",                       # "full" (make reproduce
              ) -> str:
     "Build the benchmarks, run the reproductions, write `out_dir/SUMMARY.md`; returns the summary markdown."
     if mode not in MODES: raise ConfigError(f"`mode` must be one of {MODES}, got {mode!r}")
-    unknown = sorted(set(only or ()) - set(REPRODUCTIONS))
-    if unknown: raise ConfigError(f"unknown reproductions {unknown}; choose from {list(REPRODUCTIONS)}")
+    names = REPRODUCTIONS.names()
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown: raise ConfigError(f"unknown reproductions {unknown}; choose from {names}")
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     parts = [build_benchmarks(mode, out_dir)["markdown"]]
-    for name, spec in REPRODUCTIONS.items():
+    for name in names:
         if only and name not in only: continue
         print(f"== {name} ({mode})", flush=True)
-        _runner(spec)(mode=mode, out_dir=out_dir)
-        if not (out_dir/f"{name}.md").exists(): raise ConfigError(f"reproduction {name!r} ({spec}) wrote no {name}.md")
-    for name in REPRODUCTIONS:  # the tables of every reproduction in out_dir, also those not re-run by `only`
+        run = REPRODUCTIONS[name]
+        run(mode=mode, out_dir=out_dir)
+        if not (out_dir/f"{name}.md").exists():
+            raise ConfigError(f"reproduction {name!r} ({run.__module__}.{run.__name__}) wrote no {name}.md")
+    for name in names:  # the tables of every reproduction in out_dir, also those not re-run by `only`
         md = out_dir/f"{name}.md"
         if md.exists(): parts.append(re.sub(r"^(#+) ", r"#\1 ", md.read_text(), flags=re.M))  # one heading level down
     minutes = (time.perf_counter() - t0) / 60

@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -28,101 +26,14 @@ import xmretrieval
 from .core import (CheckpointError, Config, ConfigError, DataError, XMRError, atomic_path, fork_rng,
                               get_device, make_generator, seed_everything)
 from .models.base import RetrievalModel, batch_to, get_model_class, make_batch
+from .checkpoint import (CHECKPOINT_FORMAT, PRESETS_DIR, DataConfig, OptimConfig, TrainConfig, _load_weights,
+                                    evaluate, load_checkpoint, load_config, load_split, read_checkpoint, save_checkpoint)
 
 # %% auto #0
-__all__ = ['PRESETS_DIR', 'CHECKPOINT_FORMAT', 'TABLE_KEYS', 'OptimConfig', 'DataConfig', 'TrainConfig', 'load_config',
-           'load_split', 'epoch_batches', 'shard_batch', 'param_groups', 'lr_factor', 'evaluate', 'TrainingError',
-           'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'init_distributed', 'peak_memory_mb', 'Trainer',
-           'markdown_table', 'train_seeds']
-
-# %% ../nbs/08_train.ipynb #e6292366
-@dataclasses.dataclass
-class OptimConfig(Config):
-    "AdamW, warm-up + cosine (or constant) schedule, gradient clipping and per-module learning-rate scales."
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0           # linear warm-up steps (0: use warmup_frac)
-    warmup_frac: float = 0.05       # warm-up as a fraction of all steps
-    schedule: str = "cosine"        # "cosine" (to min_lr_ratio * lr) or "constant"
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 2.0          # max global gradient norm; 0 = off
-    lr_scales: dict = dataclasses.field(default_factory=dict)  # parameter-name prefix -> lr multiplier
-
-    def __post_init__(self):
-        if self.schedule not in ("cosine", "constant"): raise ConfigError(f"OptimConfig.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if not self.lr > 0: raise ConfigError(f"OptimConfig.lr must be > 0, got {self.lr}")
-
-@dataclasses.dataclass
-class DataConfig(Config):
-    "Which data to train and evaluate on: a registered benchmark, or a folder of saved splits."
-    benchmark: str = "emoji-scenes"  # a name known to xmretrieval.data.core.load_benchmark
-    preset: str = "tiny"             # benchmark preset ("tiny" or "full")
-    path: str | None = None          # instead of a benchmark: a folder of {split}.safetensors files (data.core.save_data)
-    train_split: str = "train"
-    val_split: str | None = "val"    # None: no validation (no best checkpoint)
-    test_split: str | None = "test"  # None: no test evaluation
-    cache_dir: str | None = None     # benchmark cache (default $XMR_CACHE or ~/.cache/xmretrieval)
-
-@dataclasses.dataclass
-class TrainConfig(Config):
-    "Everything that defines a training run."
-    model: str = "biencoder"         # a registered model name
-    model_config: dict = dataclasses.field(default_factory=dict)  # parsed by the model's config class
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    epochs: int = 10
-    max_steps: int = 0               # stop after this many optimiser steps (0: no limit)
-    batch_size: int = 128            # visual items per (global) batch
-    captions_per_item: int = 1       # captions drawn per item per batch; 0 = all of them
-    drop_last: bool = True           # drop the last incomplete batch (always under DDP)
-    eval_batch_size: int = 512
-    eval_every: int = 1              # evaluate on val every N epochs (and after the last)
-    bf16: bool = False               # bf16 autocast in the training forward pass
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True            # tqdm progress bar
-    num_threads: int = 0             # torch threads during fit (0: leave as is; restored afterwards)
-
-    def __post_init__(self):
-        for k in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
-            if getattr(self, k) < 1: raise ConfigError(f"TrainConfig.{k} must be >= 1, got {getattr(self, k)}")
-        if self.captions_per_item < 0: raise ConfigError(f"TrainConfig.captions_per_item must be >= 0, got {self.captions_per_item}")
-
-    def model_config_obj(self, data=None) -> Config:
-        "The model's typed config (validated), completed from `data` if given."
-        cls = get_model_class(self.model)
-        cfg = cls.config_class.from_dict(self.model_config)
-        return cls.config_for_data(cfg, data) if data is not None else cfg
-
-PRESETS_DIR = Path(xmretrieval.__file__).parent / "presets"
-
-def load_config(name_or_path: str | os.PathLike,  # a preset name (xmretrieval/presets/NAME.json) or a JSON/YAML file
-                **changes,                         # top-level overrides, e.g. epochs=2
-               ) -> TrainConfig:
-    "Load a `TrainConfig` from a preset name or a file, with optional overrides."
-    p = Path(name_or_path)
-    if not p.suffix and not p.exists(): p = PRESETS_DIR / f"{name_or_path}.json"
-    if not p.exists():
-        known = sorted(q.stem for q in PRESETS_DIR.glob("*.json"))
-        raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a preset; presets: {known}")
-    cfg = TrainConfig.load(p)
-    return cfg.replace(**changes) if changes else cfg
+__all__ = ['TABLE_KEYS', 'epoch_batches', 'shard_batch', 'param_groups', 'lr_factor', 'TrainingError', 'init_distributed',
+           'peak_memory_mb', 'Trainer', 'markdown_table', 'train_seeds']
 
 # %% ../nbs/08_train.ipynb #78041996
-def load_split(data: DataConfig, split: str):
-    "One split as a `RetrievalData`: from `data.path` (a folder of saved splits) or the registered benchmark."
-    from xmretrieval.data.core import load_benchmark, load_data
-    if data.path is not None:
-        p = Path(data.path)
-        if not p.is_dir(): raise DataError(f"data path {str(p)!r} does not exist or is not a folder")
-        f = p / f"{split}.safetensors"
-        d = load_data(f)
-        if d is None: raise DataError(f"data path {str(p)!r} has no readable split file {f.name!r} "
-                                      f"(found {sorted(q.name for q in p.glob('*.safetensors'))})")
-        return d
-    return load_benchmark(data.benchmark, preset=data.preset, split=split, cache_dir=data.cache_dir)
-
 def epoch_batches(text_to_visual: Tensor,   # (n_text,) item of each caption
                   n_visual: int,            # number of visual items
                   epoch: int, seed: int,
@@ -184,83 +95,9 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine", min_
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-# %% ../nbs/08_train.ipynb #f541c26b
-def evaluate(model: RetrievalModel,  # a trained model (unwrapped, not DDP)
-             data,                   # a RetrievalData split
-             batch_size: int = 512,  # items / captions per forward pass
-             chunk_size: int = 1024, # text rows per similarity chunk
-            ) -> dict:
-    "Retrieval metrics of `model` on `data`: t2v/ and v2t/ R@1, R@5, R@10, MdR, MnR and RSUM."
-    from xmretrieval.metrics import retrieval_metrics
-    t, v = model.embed(data, batch_size=batch_size)
-    return retrieval_metrics(model.score(t, v, chunk_size=chunk_size), data.text_to_visual)
-
-# %% ../nbs/08_train.ipynb #274dcb83
-CHECKPOINT_FORMAT = "xmretrieval-checkpoint-1"
-
+# %% ../nbs/08_train.ipynb #1b1faf41
 class TrainingError(XMRError, RuntimeError):
     "Training cannot go on (a NaN loss); the message names the step and the last good checkpoint."
-
-def save_checkpoint(path: str | os.PathLike, model: RetrievalModel, config: TrainConfig, state: dict,
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
-    "Write weights (+ optimiser and RNG state) and the configs to one safetensors file, atomically."
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": CHECKPOINT_FORMAT, "xmr_version": xmretrieval.__version__, "model_name": config.model,
-            "model_config": json.dumps(model.config.to_dict()), "train_config": json.dumps(config.to_dict()),
-            "state": json.dumps(state)}
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        for i, st in sd["state"].items():
-            for k, v in st.items():
-                if not torch.is_tensor(v): raise CheckpointError(f"optimizer state {k!r} is not a tensor")
-                tensors[f"optim.{i}.{k}"] = v.detach().cpu().contiguous()
-        meta["optim_groups"] = json.dumps([{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
-                                           for g in sd["param_groups"]])
-        tensors["rng.torch"] = torch.get_rng_state()
-    path = Path(path)
-    with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=meta)
-    return path
-
-def read_checkpoint(path: str | os.PathLike, check_version: bool = True) -> tuple[dict, dict]:
-    "The (tensors, header) of a checkpoint, after checking its format and version."
-    path = Path(path)
-    if not path.is_file(): raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e: raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file: {e}") from e
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not an xmretrieval checkpoint (format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
-    if check_version and meta["xmr_version"] != xmretrieval.__version__:
-        raise CheckpointError(f"checkpoint {str(path)!r} was written by xmretrieval {meta['xmr_version']}, this is "
-                              f"{xmretrieval.__version__}; pass check_version=False to load it anyway")
-    return tensors, meta
-
-def load_checkpoint(path: str | os.PathLike,
-                    model_name: str | None = None,   # refuse a checkpoint of another model
-                    check_version: bool = True,
-                    device: str | torch.device = "cpu",
-                   ) -> tuple[RetrievalModel, TrainConfig, dict]:
-    "Rebuild the model of a checkpoint: (model in eval mode, its TrainConfig, its loop state)."
-    tensors, meta = read_checkpoint(path, check_version)
-    if model_name is not None and meta["model_name"] != model_name:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {meta['model_name']!r} model, not a {model_name!r}")
-    config = TrainConfig.from_dict(json.loads(meta["train_config"]))
-    cls = get_model_class(meta["model_name"])
-    model = cls(cls.config_class.from_dict(json.loads(meta["model_config"])))
-    _load_weights(model, tensors, path)
-    return model.to(get_device(device)).eval(), config, json.loads(meta["state"])
-
-def _load_weights(model: nn.Module, tensors: dict, path) -> None:
-    sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    want = model.state_dict()
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    bad = [k for k in set(want) & set(sd) if want[k].shape != sd[k].shape]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}, wrong shapes {bad[:5]}")
-    model.load_state_dict(sd)
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     groups = json.loads(meta["optim_groups"])

@@ -6,18 +6,22 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..core import Config, ConfigError, DataError, ShapeError, check_tensor
+from ..registry import Registry
 
 # %% auto #0
-__all__ = ['FEATURE_KEYS', 'MODELS', 'MODEL_MODULES', 'visual_batch', 'text_batch', 'make_batch', 'batch_to', 'gather_embeddings',
-           'register_model', 'get_model_class', 'build_model', 'RetrievalModel']
+__all__ = ['FEATURE_KEYS', 'MODELS', 'visual_batch', 'text_batch', 'make_batch', 'batch_to', 'captions_batch', 'visuals_batch',
+           'accept_raw_inputs', 'gather_embeddings', 'register_model', 'get_model_class', 'build_model',
+           'RetrievalModel']
 
 # %% ../../nbs/07_models.base.ipynb #9f8ad885
 def _index(x: Tensor | None, idx: Tensor) -> Tensor | None:
@@ -82,6 +86,95 @@ def batch_to(batch: dict, device: torch.device | str) -> dict:
     "Move every tensor of `batch` to `device` (other values are kept)."
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
+# %% ../../nbs/07_models.base.ipynb #12da819f
+def captions_batch(captions: Sequence[str],           # n raw captions
+                   keys: set[str] | None = None,      # feature keys the model reads (None: all)
+                   features=None,                     # a data.features.FeatureConfig (default: no progress bar)
+                  ) -> dict:
+    "A text batch from raw captions: `captions`, plus the frozen MiniLM features when `keys` asks for text features."
+    if isinstance(captions, str) or not all(isinstance(x, str) for x in captions):
+        raise DataError(f"`captions` must be a list of str, got {type(captions).__name__}"
+                        + (" (wrap a single caption in a list)" if isinstance(captions, str) else ""))
+    b = {"captions": list(captions)}
+    if keys is None or keys & {"text_global", "text_local", "text_mask"}:
+        from xmretrieval.data.features import FeatureConfig, encode_texts
+        local, mask, pooled = encode_texts(list(captions), features or FeatureConfig(progress=False))
+        b.update(text_local=local.clone(), text_mask=mask.clone(), text_global=pooled.clone())  # normal tensors, not inference-mode ones
+    return b
+
+# %% ../../nbs/07_models.base.ipynb #f82b20f1
+def _grids(images: list, cfg) -> list[Tensor]:
+    "EfficientNet-Lite0 grid features (h*w, 1280) of each image; images of one size are encoded together."
+    from xmretrieval.data.features import encode_images
+    by_size: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        if not hasattr(im, "size") or not hasattr(im, "convert"):
+            raise DataError(f"visual inputs must be PIL images or lists of PIL frames, got {type(im).__name__}")
+        by_size.setdefault(im.size, []).append(i)
+    out: list = [None] * len(images)
+    for idx in by_size.values():
+        grid, _ = encode_images([images[i] for i in idx], cfg)
+        for i, g in zip(idx, grid.clone()): out[i] = g   # normal tensors, not inference-mode ones
+    return out
+
+def _pad(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+    "Stack (L_i, d) rows into (n, max L, d) with a (n, max L) bool mask of the real positions."
+    L = max(len(r) for r in rows)
+    x = rows[0].new_zeros(len(rows), L, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, r in enumerate(rows): x[i, :len(r)], mask[i, :len(r)] = r, True
+    return x, mask
+
+def visuals_batch(visuals: Sequence,                  # n PIL images, or n clips (lists of PIL frames)
+                  keys: set[str] | None = None,       # feature keys the model reads (None: all)
+                  features=None,                      # a data.features.FeatureConfig (default: no progress bar)
+                 ) -> dict:
+    "A visual batch from raw images (grid features) or clips (one pooled feature per frame), as the benchmarks store them."
+    from xmretrieval.data.features import FeatureConfig, images_to_tensor
+    visuals = list(visuals)
+    if not visuals: raise DataError("`visuals` is empty")
+    clips = [isinstance(v, (list, tuple)) for v in visuals]
+    if any(clips) and not all(clips): raise DataError("`visuals` mixes images and clips (lists of frames)")
+    if any(clips) and not all(clips[i] and len(v) for i, v in enumerate(visuals)): raise DataError("`visuals` holds an empty clip")
+    cfg = features or FeatureConfig(progress=False)
+    b = {}
+    if keys is None or keys & {"visual_global", "visual_local", "visual_mask"}:
+        if all(clips):
+            frames = _grids([f for v in visuals for f in v], cfg)
+            rows = list(torch.stack([g.mean(0) for g in frames]).split([len(v) for v in visuals]))
+        else: rows = _grids(visuals, cfg)
+        local, mask = _pad(rows)
+        b.update(visual_local=local, visual_mask=mask,
+                 visual_global=(local * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+    if keys is not None and "images" in keys: b["images"] = images_to_tensor(visuals)
+    return b
+
+# %% ../../nbs/07_models.base.ipynb #750d5739
+def accept_raw_inputs(fn: Callable,   # a model's `encode_text(batch)` or `encode_visual(batch)`
+                      kind: str,      # "text" or "visual"
+                     ) -> Callable:
+    "Wrap `fn` so that it also takes a list of raw captions (text) or of images / clips (visual)."
+    to_batch = captions_batch if kind == "text" else visuals_batch
+    @functools.wraps(fn)
+    def encode(self, batch, *args, **kwargs):
+        if isinstance(batch, dict): return fn(self, batch, *args, **kwargs)
+        if not isinstance(batch, (list, tuple)):
+            what = "captions (list of str)" if kind == "text" else "images / clips (list of PIL images or of frame lists)"
+            raise DataError(f"{type(self).__name__}.{fn.__name__} takes a batch dict or a list of {what}, "
+                            f"got {type(batch).__name__}" + (" (wrap it in a list)" if isinstance(batch, str) else ""))
+        if not batch: raise DataError(f"{type(self).__name__}.{fn.__name__} got an empty list")
+        device = next(self.parameters(), torch.empty(0)).device
+        keys, bs, was_training = self.batch_keys(), self.raw_batch_size, self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                out = [fn(self, batch_to(to_batch(batch[i:i + bs], keys), device), *args, **kwargs).float().cpu()
+                       for i in tqdm(range(0, len(batch), bs), desc=f"encode {kind}", disable=len(batch) <= bs, leave=False)]
+        finally: self.train(was_training)
+        return torch.cat(out)
+    encode.accepts_raw_inputs = True
+    return encode
+
 # %% ../../nbs/07_models.base.ipynb #85c6a4ad
 class _GatherWithGrad(torch.autograd.Function):
     "all_gather along axis 0 (equal sizes) whose backward sums the gradients of every process (any backend)."
@@ -121,30 +214,19 @@ def gather_embeddings(text_emb: Tensor,        # this process's text embeddings,
     return _GatherWithGrad.apply(text_emb), _GatherWithGrad.apply(visual_emb), t2v
 
 # %% ../../nbs/07_models.base.ipynb #94a1dca9
-MODELS: dict[str, type] = {}
-# modules that register the built-in models, imported on first use by `get_model_class`
-MODEL_MODULES = {"biencoder": "xmretrieval.models.biencoder", "dive": "xmretrieval.models.dive",
-                 "rerank": "xmretrieval.models.rerank", "cret": "xmretrieval.models.cret"}
+MODELS = Registry("model", package="xmretrieval.models")
+"Every model by name; `xmretrieval.models.NAME` is imported on the first lookup of `NAME`."
 
 def register_model(name: str):
     "Class decorator: register a `RetrievalModel` subclass under `name` (used by checkpoints and `build_model`)."
     def deco(cls):
-        if name in MODELS and MODELS[name] is not cls and MODELS[name].__qualname__ != cls.__qualname__:
-            raise ConfigError(f"model name {name!r} is already registered by {MODELS[name].__qualname__}")
-        MODELS[name] = cls
+        MODELS.register(name)(cls)
         cls.model_name = name
         return cls
     return deco
 
 def get_model_class(name: str) -> type:
-    "The model class registered as `name` (importing its module from `MODEL_MODULES` if needed)."
-    if name not in MODELS and name in MODEL_MODULES:
-        import importlib
-        try: importlib.import_module(MODEL_MODULES[name])
-        except ModuleNotFoundError as e:
-            if e.name != MODEL_MODULES[name]: raise
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; registered models are {sorted(MODELS)}")
+    "The model class registered as `name` (importing `xmretrieval.models.<name>` if needed)."
     return MODELS[name]
 
 def build_model(name: str,                 # a registered model name
@@ -162,6 +244,16 @@ class RetrievalModel(nn.Module):
     model_name: str = "base"
     config_class: type = Config
 
+    raw_batch_size: int = 256   # raw captions / images per forward pass (see "Batches from raw inputs")
+
+    def __init_subclass__(cls, **kwargs):
+        "Let every subclass's `encode_text` / `encode_visual` also take raw inputs (see `accept_raw_inputs`)."
+        super().__init_subclass__(**kwargs)
+        for name, kind in (("encode_text", "text"), ("encode_visual", "visual")):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "accepts_raw_inputs", False):
+                setattr(cls, name, accept_raw_inputs(fn, kind))
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
@@ -177,11 +269,11 @@ class RetrievalModel(nn.Module):
         return None
 
     def encode_text(self, batch: dict) -> Tensor:
-        "Embeddings of the captions of `batch`: (B_t, d) or a set (B_t, K, d)."
+        "Embeddings of the captions of `batch` (or of a list of captions): (B_t, d) or a set (B_t, K, d)."
         raise NotImplementedError
 
     def encode_visual(self, batch: dict) -> Tensor:
-        "Embeddings of the visual items of `batch`: (B_v, d) or a set (B_v, K, d)."
+        "Embeddings of the visual items of `batch` (or of a list of images / clips): (B_v, d) or a set (B_v, K, d)."
         raise NotImplementedError
 
     def similarity(self, text_emb: Tensor, visual_emb: Tensor) -> Tensor:

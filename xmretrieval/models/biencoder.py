@@ -6,11 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import platform
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +17,7 @@ from ..losses import InfoNCELoss, TripletLoss
 from .base import RetrievalModel, make_batch, register_model
 
 # %% auto #0
-__all__ = ['BASELINE_BENCHMARKS', 'BASELINE_LOSSES', 'LOSS_NAMES', 'BiEncoderConfig', 'Head', 'BiEncoder', 'baseline_config',
-           'run_baseline']
+__all__ = ['BiEncoderConfig', 'Head', 'BiEncoder']
 
 # %% ../../nbs/10_models.biencoder.ipynb #4cad25d6
 @dataclasses.dataclass
@@ -106,57 +100,3 @@ class BiEncoder(RetrievalModel):
         out = {"loss": self.loss(text_emb, visual_emb, text_to_visual)}
         if isinstance(self.loss, InfoNCELoss): out["temperature"] = self.loss.temperature
         return out
-
-# %% ../../nbs/10_models.biencoder.ipynb #ab087e32
-BASELINE_BENCHMARKS = {"emoji-objects": "objects", "emoji-scenes": "scenes", "emoji-video": "video"}
-BASELINE_LOSSES = {"triplet": "vsepp", "infonce": "infonce"}
-LOSS_NAMES = {"triplet": "VSE++ (triplet, hardest negative)", "infonce": "InfoNCE"}
-
-def baseline_config(benchmark: str, loss: str, mode: str = "full"):
-    "The TrainConfig of one baseline run: preset `biencoder_{vsepp|infonce}_{objects|scenes|video}`, shrunk in quick mode."
-    from xmretrieval.train import load_config
-    if benchmark not in BASELINE_BENCHMARKS: raise ConfigError(f"unknown baseline benchmark {benchmark!r}; choose from {list(BASELINE_BENCHMARKS)}")
-    if loss not in BASELINE_LOSSES: raise ConfigError(f"unknown baseline loss {loss!r}; choose from {list(BASELINE_LOSSES)}")
-    cfg = load_config(f"biencoder_{BASELINE_LOSSES[loss]}_{BASELINE_BENCHMARKS[benchmark]}")
-    if mode == "quick":
-        cfg = cfg.replace(data=cfg.data.replace(preset="tiny"), epochs=3, batch_size=16, progress=False, num_threads=1)
-    elif mode != "full": raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
-    return cfg
-
-def run_baseline(mode: str = "quick",                     # "quick" (tiny preset, seconds) or "full" (make reproduce)
-                 out_dir: str | os.PathLike = "results",   # results/biencoder.{json,md} + results/biencoder/...
-                 benchmarks: list[str] | None = None,      # default: emoji-scenes (quick) or all three (full)
-                 losses: tuple[str, ...] = ("triplet", "infonce"),
-                 seeds: list[int] | None = None,           # default: [0, 1] (quick) or [0, 1, 2] (full)
-                 resume: bool = True,                      # reuse finished runs of the same config, resume interrupted ones
-                ) -> dict:
-    "Train and evaluate the bi-encoder baselines over several seeds; write JSON + markdown tables to `out_dir`."
-    from xmretrieval.core import atomic_path
-    from xmretrieval.metrics import format_mean_std
-    from xmretrieval.train import markdown_table, train_seeds
-    if mode not in ("quick", "full"): raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
-    benchmarks = benchmarks or (["emoji-scenes"] if mode == "quick" else list(BASELINE_BENCHMARKS))
-    seeds = seeds or ([0, 1] if mode == "quick" else [0, 1, 2])
-    out_dir = Path(out_dir)
-    results, t0 = [], time.perf_counter()
-    for bench in benchmarks:
-        for loss in losses:
-            cfg = baseline_config(bench, loss, mode)
-            res = train_seeds(cfg, seeds, out_dir / "biencoder" / bench / loss, resume=resume)
-            results.append({"benchmark": bench, "loss": loss, "preset": cfg.data.preset, "seeds": seeds,
-                            "mean_std": res["mean_std"], "runs": res["runs"], "pairs_per_s": res["pairs_per_s"],
-                            "train_time_s": res["train_time_s"],
-                            "config": str(Path("biencoder") / bench / loss / "config.json")})
-    info = {"mode": mode, "seeds": seeds, "split": "test", "wall_time_s": time.perf_counter() - t0,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (shared machine: timings vary)"}
-    doc = {**info, "results": results}
-    with atomic_path(out_dir / "biencoder.json") as tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    md = [f"# Bi-encoder baseline ({mode} mode, test split, mean ± std over seeds {seeds})", ""]
-    for bench in benchmarks:
-        rows = {LOSS_NAMES[r["loss"]]: format_mean_std({k: tuple(v) for k, v in r["mean_std"].items()})
-                for r in results if r["benchmark"] == bench}
-        preset = next(r["preset"] for r in results if r["benchmark"] == bench)
-        md += [f"## {bench} ({preset} preset)", "", markdown_table(rows), ""]
-    md += [f"Configs: `biencoder/<benchmark>/<loss>/config.json`; per-seed runs beside them. {info['machine']}.", ""]
-    with atomic_path(out_dir / "biencoder.md") as tmp: tmp.write_text("\n".join(md))
-    return doc
