@@ -18,7 +18,8 @@ from pathlib import Path
 
 from xmretrieval.core import atomic_path
 from xmretrieval.metrics import plausible_metrics
-from xmretrieval.train import Trainer, load_config, load_split
+from xmretrieval.checkpoint import load_config, load_split
+from xmretrieval.train import Trainer
 
 
 def run_point(cfg, out: Path, data: dict) -> dict:
