@@ -3,10 +3,16 @@
 Each sweep point is one `Trainer` run (one seed) written to OUT/lr{lr}_ep{epochs}/ (resumable: a finished run is
 reused). The run with the best validation RSUM is selected (validation only), its test metrics (standard and
 plausible, `metrics.plausible_metrics`) are reported, and every validation curve is drawn in OUT/val_curves.png.
-Usage (the command behind results/biencoder_converge_scenes/):
+Usage (the commands behind results/biencoder_converge_scenes/ and results/biencoder_converge_video_small/):
 
-    XMR_CACHE=... OMP_NUM_THREADS=2 python tools/converge_biencoder.py --preset biencoder_vsepp_scenes \\
-        --sweep 2e-4:100 1e-4:100 4e-4:100 --out results/biencoder_converge_scenes
+    OMP_NUM_THREADS=1 python tools/converge_biencoder.py --preset biencoder_vsepp_scenes \\
+        --sweep 2e-4:200 4e-4:100 2e-4:100 1e-4:200 --threads 1 --out results/biencoder_converge_scenes
+    OMP_NUM_THREADS=1 python tools/converge_biencoder.py --preset biencoder_vsepp_video --data-preset small \\
+        --sweep 2e-4:300 --threads 1 --out results/biencoder_converge_video_small
+
+Sweep points may run in separate processes on the same --out (each writes its own lr*_ep* folder); a last call
+with every point reuses the finished runs and writes the summary (summary.json/.md, val_curves.png). On a
+loaded CPU, one thread per process is much faster than two (OpenMP threads wait for each other).
 """
 from __future__ import annotations
 
