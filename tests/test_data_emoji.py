@@ -28,14 +28,14 @@ def test_variants_never_cross_splits():
 
 
 def test_items_are_deterministic_and_well_formed():
-    cfg = E.preset_config("emoji-scenes", "tiny")
+    cfg = E.preset_config("emoji-scenes", "tiny:unseen-concept")
     a, b = E.scene_item(cfg, "test", 7), E.scene_item(cfg, "test", 7)
     assert a.captions == b.captions and np.array_equal(np.asarray(a.visual), np.asarray(b.visual))
     test_groups = {e.group for e in E.split_pool("test")}
     for i in range(30):
         it = E.scene_item(cfg, "test", i)
         objs = it.info["objects"]
-        assert {E.group_key(o["emoji"]) for o in objs} <= test_groups  # scenes only use emoji of their split
+        assert {E.group_key(o["emoji"]) for o in objs} <= test_groups  # unseen-concept: only emoji of their split
         mentions = [set(c["mentions"]) for c in it.info["captions"]]
         assert all(len(m) <= 2 for m in mentions) and set().union(*mentions) == set(range(len(objs)))
         if len(objs) >= 3:
@@ -52,6 +52,48 @@ def test_items_are_deterministic_and_well_formed():
     objs = E.object_item(E.preset_config("emoji-objects", "tiny"), "val", 0)
     assert objs.captions[0] == tiny[0].name and objs.info["emoji"] == [tiny[0].char] and len(set(objs.captions)) == 5
     assert len(tiny) == 48 and len({e.group for e in tiny}) == 48  # one variant per group
+
+
+def test_compositional_protocol():
+    """Shared vocabulary, new compositions, no pixel-identical crops, determinism (scenes and video)."""
+    import hashlib
+    cfg = E.preset_config("emoji-scenes", "tiny")
+    assert cfg.protocol == "compositional" and E.concept_pool(cfg, "train") == E.concept_pool(cfg, "test")
+    assert len(E.vocabulary()) >= 500  # the full vocabulary: several hundred concepts or more
+    train = [E.scene_item(cfg, "train", i) for i in range(cfg.n_train)]
+    test = [E.scene_item(cfg, "test", i) for i in range(cfg.n_test)]
+    vocab = {e.group for e in E.concept_pool(cfg, "train")}
+    sets = lambda items: [frozenset(o["group"] for o in it.info["objects"]) for it in items]
+    assert set().union(*sets(train), *sets(test)) <= vocab
+    assert not set(sets(test)) & set(sets(train))
+    assert set(sets(train)) == set(E.train_compositions("emoji-scenes", cfg))
+    crop = lambda it, o: hashlib.sha256(np.asarray(it.visual.crop(tuple(o["box"]))).tobytes()).hexdigest()
+    train_crops = {crop(it, o) for it in train for o in it.info["objects"]}
+    assert not any(crop(it, o) in train_crops for it in test for o in it.info["objects"])
+    a, b = E.scene_item(cfg, "val", 4), E.scene_item(cfg, "val", 4)
+    assert a.captions == b.captions and np.array_equal(np.asarray(a.visual), np.asarray(b.visual))
+    vc = E.preset_config("emoji-video", "tiny")
+    vtrain = set(E.train_compositions("emoji-video", vc))
+    assert not any(frozenset(e["group"] for e in E.video_item(vc, "test", i).info["events"]) in vtrain for i in range(vc.n_test))
+    # the unseen-concept protocol keeps test concepts out of training
+    u = E.preset_config("emoji-scenes", "tiny:unseen-concept")
+    assert not {o["group"] for i in range(20) for o in E.scene_item(u, "test", i).info["objects"]} & \
+        {o["group"] for i in range(48) for o in E.scene_item(u, "train", i).info["objects"]}
+
+
+def test_true_matches_and_stats():
+    sc, tr = load_benchmark("emoji-scenes", "tiny", "test"), load_benchmark("emoji-scenes", "tiny", "train")
+    m = sc.true_matches()
+    assert sc.has_matches and all(int(sc.text_to_visual[j]) in m[j] for j in range(sc.n_text))
+    info = sc.meta["caption_info"]
+    for j in range(sc.n_text):  # exact: the index agrees with checking every item
+        assert m[j] == [i for i in range(sc.n_visual) if E.caption_true("emoji-scenes", info[j], sc.meta["items"][i])]
+    st = E.composition_stats(sc, tr)
+    assert st["new compositions (%)"] == 100.0 and st["captions"] == sc.n_text
+    assert 0 <= st["shared wording (%)"] <= 100 and st["true items per caption (mean)"] >= 1
+    # the protocols have separate caches
+    un = load_benchmark("emoji-scenes", "tiny", "test", protocol="unseen-concept")
+    assert un.meta["config"]["protocol"] == "unseen-concept" and un.captions != sc.captions
 
 
 def test_scenes_and_video_tiny_end_to_end():

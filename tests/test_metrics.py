@@ -139,3 +139,14 @@ def test_aggregate_and_format():
     assert format_mean_std(agg, 2) == {"a": "2.00 ± 1.41", "b": "10.00 ± 0.00"}
     with pytest.raises(ConfigError):
         aggregate_seeds([])
+
+
+def test_plausible_metrics_golden():
+    """Hand-computed: captions true of items {0,1}, {1,2}, {0,2} (own items 0, 1, 2); see nbs/02_metrics.ipynb."""
+    from xmretrieval.metrics import plausible_metrics
+    sims = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.3, 0.7], [0.5, 0.6, 0.4]])
+    m = plausible_metrics(sims, torch.tensor([0, 1, 2]), torch.tensor([0, 2, 4, 6]), torch.tensor([0, 1, 1, 2, 0, 2]))
+    assert abs(m["t2v/R-P"] - 200 / 3) < 1e-9 and abs(m["t2v/mAP@R"] - 175 / 3) < 1e-9
+    assert (m["t2v/misses"], m["t2v/miss top-1 true (%)"]) == (2.0, 50.0)
+    assert abs(m["v2t/R-P"] - 200 / 3) < 1e-9 and abs(m["v2t/mAP@R"] - 50.0) < 1e-9
+    assert (m["v2t/misses"], m["v2t/miss top-1 true (%)"]) == (2.0, 0.0)

@@ -146,7 +146,7 @@ class VisualEncoderConfig(Config):
         if self.kind not in ("features", "efficientnet"): raise ConfigError(f"VisualEncoderConfig.kind must be 'features' or 'efficientnet', got {self.kind!r}")
         if self.pooling not in ("mean", "max", "global"): raise ConfigError(f"VisualEncoderConfig.pooling must be 'mean', 'max' or 'global', got {self.pooling!r}")
         if self.pooling == "global" and self.temporal_layers: raise ConfigError("VisualEncoderConfig.pooling='global' ignores the temporal transformer; use 'mean' or 'max'")
-        for k in ("d_model", "temporal_layers"): self.check_range(k, ge=0)
+        for k in ("proj_dim", "temporal_layers"): self.check_range(k, ge=0)
         self.check_range("n_heads", ge=1); self.check_range("max_len", ge=1); self.check_range("dropout", ge=0, lt=1)
 
 class VisualEncoder(nn.Module):

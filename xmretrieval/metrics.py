@@ -17,7 +17,7 @@ from .core import ConfigError, DataError, ShapeError, check_tensor
 # %% auto #0
 __all__ = ['MEDR_CONVENTIONS', 'RECALL_KS', 'PROTOCOLS', 'TABLE_KEYS', 'retrieval_ranks', 'metrics_from_ranks',
            'retrieval_metrics', 'chunked_retrieval_metrics', 'fold_metrics', 'protocol_metrics', 'markdown_table',
-           'aggregate_seeds', 'format_mean_std']
+           'aggregate_seeds', 'format_mean_std', 'plausible_metrics']
 
 # %% ../nbs/02_metrics.ipynb #4934b091
 MEDR_CONVENTIONS = ("floor", "plain")
@@ -244,3 +244,67 @@ def format_mean_std(agg: dict[str, tuple[float, float]] | tuple[float, float],  
     if isinstance(agg, dict): return {k: format_mean_std(v, digits) for k, v in agg.items()}
     mean, std = agg
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+# %% ../nbs/02_metrics.ipynb #44cb7cad
+def _match_mask(ptr: Tensor, ind: Tensor, rows: Tensor, n_cols: int) -> Tensor:
+    "Dense bool (len(rows), n_cols) of the CSR rows `rows`."
+    cnt = ptr[rows + 1] - ptr[rows]
+    r = torch.repeat_interleave(torch.arange(len(rows)), cnt)
+    start = torch.repeat_interleave(ptr[rows], cnt)
+    off = torch.arange(int(cnt.sum())) - torch.repeat_interleave(cnt.cumsum(0) - cnt, cnt)
+    m = torch.zeros(len(rows), n_cols, dtype=torch.bool)
+    m[r, ind[start + off]] = True
+    return m
+
+def _transpose_csr(ptr: Tensor, ind: Tensor, n_cols: int) -> tuple[Tensor, Tensor]:
+    row = torch.repeat_interleave(torch.arange(len(ptr) - 1), ptr[1:] - ptr[:-1])
+    order = torch.sort(ind * (len(ptr) - 1) + row).indices
+    tptr = torch.zeros(n_cols + 1, dtype=torch.long)
+    tptr[1:] = torch.bincount(ind, minlength=n_cols).cumsum(0)
+    return tptr, row[order]
+
+def _rp_map(scores: Tensor, mask: Tensor, own: Tensor, chunk_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    "Per query: R-Precision, mAP@R, standard miss, top-1 is a true match. scores/mask (n_q, n_c); own (n_q, n_c) bool."
+    rp, ap, miss, top_true = [], [], [], []
+    for s0 in range(0, scores.shape[0], chunk_size):
+        s, m, o = scores[s0:s0 + chunk_size].float(), mask[s0:s0 + chunk_size], own[s0:s0 + chunk_size]
+        R = m.sum(1)
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :int(R.max())]
+        rel = m.gather(1, order).double()
+        pos = torch.arange(1, order.shape[1] + 1, dtype=torch.float64)
+        within = pos[None] <= R[:, None]
+        prec = rel.cumsum(1) / pos[None]
+        rp.append(((rel * within).sum(1) / R).numpy()); ap.append(((rel * prec * within).sum(1) / R).numpy())
+        miss.append((~o.gather(1, order[:, :1])[:, 0]).numpy()); top_true.append(rel[:, 0].bool().numpy())
+    return tuple(np.concatenate(x) for x in (rp, ap, miss, top_true))
+
+def plausible_metrics(sims: Tensor,            # (n_text, n_visual) scores, higher = better
+                      text_to_visual: Tensor,  # (n_text,) index of each caption's own item
+                      match_indptr: Tensor | None = None,   # (n_text + 1,) CSR rows of the true matches (None: own item only)
+                      match_indices: Tensor | None = None,  # (nnz,) items each caption is true of
+                      chunk_size: int = 1024,  # queries per block (bounds the temporary memory)
+                     ) -> dict[str, float]:    # t2v/R-P, t2v/mAP@R, t2v/misses, t2v/miss top-1 true (%), v2t/...
+    "R-Precision and mAP@R over all true matches (percent) and the share of standard misses whose top-1 is a true match."
+    check_tensor(sims, "sims", ndim=2)
+    n_text, n_visual = sims.shape
+    t2v = _check_t2v(text_to_visual, n_text, n_visual)
+    if (match_indptr is None) != (match_indices is None):
+        raise ConfigError("`match_indptr` and `match_indices` must be given together")
+    if match_indptr is None: ptr, ind = torch.arange(n_text + 1), t2v.clone()
+    else:
+        ptr, ind = torch.as_tensor(match_indptr).long().cpu(), torch.as_tensor(match_indices).long().cpu()
+        check_tensor(ptr, "match_indptr", ndim=1, dims={0: n_text + 1})
+        if int(ptr[-1]) != len(ind) or (len(ind) and (int(ind.min()) < 0 or int(ind.max()) >= n_visual)):
+            raise ShapeError(f"`match_indices` ({len(ind)}) must index the {n_visual} visual items and end `match_indptr`")
+    rows = torch.arange(n_text)
+    mask = _match_mask(ptr, ind, rows, n_visual)
+    if not bool(mask[rows, t2v].all()): raise DataError("every caption must be a true match of its own item")
+    own_t = torch.zeros(n_text, n_visual, dtype=torch.bool); own_t[rows, t2v] = True
+    s = sims.detach().cpu()
+    out = {}
+    for d, sc, m, o in (("t2v", s, mask, own_t), ("v2t", s.T, mask.T, own_t.T)):
+        rp, ap, miss, top_true = _rp_map(sc, m, o, chunk_size)
+        out[f"{d}/R-P"], out[f"{d}/mAP@R"] = float(100 * rp.mean()), float(100 * ap.mean())
+        out[f"{d}/misses"] = float(miss.sum())
+        out[f"{d}/miss top-1 true (%)"] = float(100 * top_true[miss].mean()) if miss.any() else float("nan")
+    return out

@@ -25,8 +25,9 @@ from ..registry import Registry
 
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'BENCHMARKS', 'RetrievalData', 'config_digest', 'save_data', 'read_manifest', 'load_data',
-           'Benchmark', 'register_benchmark', 'default_cache_dir', 'get_benchmark', 'benchmark_path', 'load_benchmark']
+__all__ = ['FORMAT_VERSION', 'BENCHMARKS', 'RetrievalData', 'matches_to_csr', 'config_digest', 'save_data', 'read_manifest',
+           'load_data', 'Benchmark', 'register_benchmark', 'default_cache_dir', 'get_benchmark', 'resolve_preset',
+           'benchmark_path', 'load_benchmark']
 
 # %% ../../nbs/04_data.core.ipynb #3d362deb
 @dataclass
@@ -44,6 +45,8 @@ class RetrievalData:
     text_local: Tensor | None = None   # (n_text, Lt, d_t) token features
     text_mask: Tensor | None = None    # (n_text, Lt) bool, True = real token
     meta: dict = field(default_factory=dict)  # config / provenance
+    match_indptr: Tensor | None = None   # (n_text + 1,) long: CSR row pointers of each caption's true matches
+    match_indices: Tensor | None = None  # (nnz,) long: the visual items each caption is TRUE of (sorted per caption)
 
     def __post_init__(self):
         p = "RetrievalData."
@@ -75,6 +78,25 @@ class RetrievalData:
                 raise ShapeError(f"`{p}text_global` {tuple(self.text_global.shape)} and `{p}text_local` "
                                  f"{tuple(self.text_local.shape)} must share the feature size")
             check_mask(self.text_mask, p + "text_mask", (m, self.text_local.shape[1]))
+        if (self.match_indptr is None) != (self.match_indices is None):
+            raise DataError(f"`{p}match_indptr` and `{p}match_indices` must be given together")
+        if self.match_indptr is not None: self._check_matches(n, m, t2v)
+
+    def _check_matches(self, n: int, m: int, t2v: Tensor):
+        p = "RetrievalData."
+        ptr = check_tensor(self.match_indptr, p + "match_indptr", ndim=1, dims={0: m + 1})
+        ind = check_tensor(self.match_indices, p + "match_indices", ndim=1)
+        if ptr.dtype != torch.long or ind.dtype != torch.long:
+            raise ShapeError(f"`{p}match_indptr` and `{p}match_indices` must be int64, got {ptr.dtype} and {ind.dtype}")
+        if int(ptr[0]) != 0 or int(ptr[-1]) != ind.numel() or bool((ptr[1:] < ptr[:-1]).any()):
+            raise DataError(f"`{p}match_indptr` must rise from 0 to len(match_indices)={ind.numel()}")
+        if ind.numel() and (int(ind.min()) < 0 or int(ind.max()) >= n):
+            raise DataError(f"`{p}match_indices` must index the {n} visual items, got values in [{int(ind.min())}, {int(ind.max())}]")
+        row = torch.repeat_interleave(torch.arange(m), ptr[1:] - ptr[:-1])
+        own = torch.zeros(m, dtype=torch.long).index_add_(0, row, (ind == t2v[row]).long())
+        if m and not bool((own == 1).all()):
+            j = int((own != 1).nonzero()[0])
+            raise DataError(f"caption {j} must be TRUE of its own item {int(t2v[j])} exactly once in `{p}match_indices`")
 
     @property
     def n_visual(self) -> int: return len(self.visual_ids)
@@ -86,6 +108,15 @@ class RetrievalData:
     def text_dim(self) -> int | None:
         t = self.text_global if self.text_global is not None else self.text_local
         return None if t is None else t.shape[-1]
+
+    @property
+    def has_matches(self) -> bool: return self.match_indptr is not None
+
+    def true_matches(self) -> list[list[int]]:
+        "For each caption, the visual items it is TRUE of (its own item included); only its own item if unknown."
+        if not self.has_matches: return [[i] for i in self.text_to_visual.tolist()]
+        ptr, ind = self.match_indptr.tolist(), self.match_indices.tolist()
+        return [ind[ptr[j]:ptr[j + 1]] for j in range(self.n_text)]
 
     def visual_to_text(self) -> list[list[int]]:
         "For each visual item, the indices of its captions (in caption order)."
@@ -105,24 +136,38 @@ class RetrievalData:
         # captions grouped by their new visual index, keeping caption order within an item
         tsel = tsel[torch.sort(new_of_old[self.text_to_visual[tsel]], stable=True).indices]
         pick = lambda t, i: None if t is None else t[i]
+        ptr = ind = None
+        if self.has_matches:  # keep, for each kept caption, its true matches among the kept items, re-indexed
+            rows = [sorted(k for k in new_of_old[torch.tensor(r, dtype=torch.long)].tolist() if k >= 0)
+                    for r in (self.true_matches()[j] for j in tsel.tolist())]
+            ptr, ind = matches_to_csr(rows)
         return RetrievalData(
             name=self.name, split=self.split, visual_ids=[self.visual_ids[i] for i in idx.tolist()],
             visual_global=self.visual_global[idx], visual_local=self.visual_local[idx],
             visual_mask=pick(self.visual_mask, idx), captions=[self.captions[j] for j in tsel.tolist()],
             text_to_visual=new_of_old[self.text_to_visual[tsel]], text_global=pick(self.text_global, tsel),
             text_local=pick(self.text_local, tsel), text_mask=pick(self.text_mask, tsel),
-            meta={**self.meta, "subset_of": self.n_visual})
+            meta={**self.meta, "subset_of": self.n_visual}, match_indptr=ptr, match_indices=ind)
 
     def __repr__(self):
         L = self.visual_local.shape[1]
         t = "no text features" if self.text_dim is None else f"d_t={self.text_dim}" + (
             f", Lt={self.text_local.shape[1]}" if self.text_local is not None else "")
+        mt = "" if not self.has_matches else f", true matches/caption={self.match_indices.numel() / max(1, self.n_text):.2f}"
         return (f"RetrievalData({self.name!r}, split={self.split!r}, n_visual={self.n_visual}, "
-                f"n_text={self.n_text}, d_v={self.visual_dim}, L={L}, {t})")
+                f"n_text={self.n_text}, d_v={self.visual_dim}, L={L}, {t}{mt})")
+
+def matches_to_csr(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+    "Per-caption lists of visual indices -> CSR `(indptr (n_text + 1,), indices (nnz,))`, int64, each row sorted."
+    ptr = torch.zeros(len(rows) + 1, dtype=torch.long)
+    if rows: ptr[1:] = torch.tensor([len(r) for r in rows], dtype=torch.long).cumsum(0)
+    ind = torch.tensor([k for r in rows for k in sorted(r)], dtype=torch.long)
+    return ptr, ind
 
 # %% ../../nbs/04_data.core.ipynb #c328cc99
 FORMAT_VERSION = 1
-_TENSORS = ("visual_global", "visual_local", "visual_mask", "text_to_visual", "text_global", "text_local", "text_mask")
+_TENSORS = ("visual_global", "visual_local", "visual_mask", "text_to_visual", "text_global", "text_local", "text_mask",
+            "match_indptr", "match_indices")
 
 def _canon(x) -> str: return json.dumps(x, sort_keys=True, default=str)
 
@@ -181,7 +226,8 @@ def load_data(path: str | os.PathLike,  # a file written by `save_data`
                              visual_mask=t.get("visual_mask"), captions=json.loads(h["captions"]),
                              text_to_visual=t["text_to_visual"], text_global=t.get("text_global"),
                              text_local=t.get("text_local"), text_mask=t.get("text_mask"),
-                             meta=json.loads(h["meta"]))
+                             meta=json.loads(h["meta"]), match_indptr=t.get("match_indptr"),
+                             match_indices=t.get("match_indices"))
     except (OSError, SafetensorError, KeyError, ValueError): return None
 
 # %% ../../nbs/04_data.core.ipynb #10d3e766
@@ -193,6 +239,7 @@ class Benchmark:
     manifest: Callable[[str, str], dict]
     build: Callable[[str, str], RetrievalData]
     splits: tuple[str, ...] = ("train", "val", "test")
+    protocols: tuple[str, ...] = ()  # named evaluation protocols, the default first; `preset` then reads "full:PROTOCOL"
 
 BENCHMARKS = Registry("benchmark", package="xmretrieval.data", error=DataError)
 "Every benchmark by name; the modules of `xmretrieval.data` (e.g. `data.emoji`) register theirs when imported."
@@ -209,19 +256,32 @@ def get_benchmark(name: str) -> Benchmark:
     "The registered benchmark `name` (importing the module that defines it if needed)."
     return BENCHMARKS[name]
 
+def resolve_preset(b: Benchmark, preset: str, protocol: str | None = None) -> str:
+    "The canonical preset string of `b`: `'full'` for the default protocol, `'full:PROTOCOL'` for another one."
+    base, _, p = preset.partition(":")
+    if protocol is not None and p and p != protocol:
+        raise DataError(f"`preset`={preset!r} names protocol {p!r} but `protocol`={protocol!r}")
+    p = protocol or p
+    if base not in b.presets: raise DataError(f"benchmark {b.name!r} has no preset {base!r}; choose from {list(b.presets)}")
+    if not p: return base
+    if p not in b.protocols:
+        raise DataError(f"benchmark {b.name!r} has no protocol {p!r}; choose from {list(b.protocols) or 'none (one protocol only)'}")
+    return base if p == b.protocols[0] else f"{base}:{p}"
+
 def benchmark_path(name: str, preset: str, split: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    "Where the cached split lives."
-    return Path(cache_dir or default_cache_dir()) / name / f"{preset}-{split}.safetensors"
+    "Where the cached split lives (`preset` canonical, e.g. 'full' or 'full:unseen-concept')."
+    return Path(cache_dir or default_cache_dir()) / name / f"{preset.replace(':', '-')}-{split}.safetensors"
 
 def load_benchmark(name: str,            # "emoji-objects", "emoji-scenes" or "emoji-video"
                    preset: str = "tiny",  # "tiny" (seconds, for tests) or "full" (for `make reproduce`)
                    split: str = "train",  # "train", "val" or "test"
                    cache_dir: str | os.PathLike | None = None,  # default `$XMR_CACHE` or ~/.cache/xmretrieval
                    rebuild: bool = False,  # ignore (and overwrite) a valid cache
+                   protocol: str | None = None,  # evaluation protocol (None: the benchmark's default); also "full:PROTOCOL"
                   ) -> RetrievalData:
     "Load one split of a benchmark with its features, building and caching it on first use."
     b = get_benchmark(name)
-    if preset not in b.presets: raise DataError(f"benchmark {name!r} has no preset {preset!r}; choose from {list(b.presets)}")
+    preset = resolve_preset(b, preset, protocol)
     if split not in b.splits: raise DataError(f"benchmark {name!r} has no split {split!r}; choose from {list(b.splits)}")
     path = benchmark_path(name, preset, split, cache_dir)
     manifest = {"benchmark": name, "preset": preset, "split": split, "format_version": FORMAT_VERSION,

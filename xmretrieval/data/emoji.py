@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import itertools
+import json
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -20,15 +22,17 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..core import Config, ConfigError, DataError
-from .core import Benchmark, RetrievalData, register_benchmark
+from .core import Benchmark, RetrievalData, matches_to_csr, register_benchmark
 from .features import FeatureConfig, featurize, feature_manifest
 
 # %% auto #0
-__all__ = ['FONT_PATHS', 'CLDR_DIRS', 'SPLITS', 'PRESETS', 'GENERATOR_VERSION', 'ITEM_MAKERS', 'font_path', 'cldr_dir',
-           'cldr_annotations', 'group_key', 'EmojiEntry', 'emoji_catalogue', 'render_emoji', 'paste_emoji',
-           'emoji_image', 'split_of_group', 'split_pool', 'renderable', 'EmojiBenchConfig', 'preset_config',
-           'EmojiItem', 'object_item', 'scene_item', 'video_item', 'filmstrip', 'n_items', 'benchmark_item',
-           'render_item', 'emoji_manifest', 'build_emoji_benchmark', 'plot_examples', 'sizes_table',
+__all__ = ['FONT_PATHS', 'CLDR_DIRS', 'SPLITS', 'PROTOCOLS', 'PRESETS', 'BENCH_PROTOCOLS', 'SIZE_RATIO', 'GENERATOR_VERSION',
+           'ITEM_MAKERS', 'ITEM_PLANS', 'font_path', 'cldr_dir', 'cldr_annotations', 'group_key', 'EmojiEntry',
+           'emoji_catalogue', 'render_emoji', 'paste_emoji', 'emoji_image', 'split_of_group', 'split_pool',
+           'renderable', 'vocabulary', 'EmojiBenchConfig', 'preset_config', 'EmojiItem', 'concept_pool',
+           'train_compositions', 'object_item', 'relation', 'scene_item', 'video_item', 'filmstrip', 'caption_true',
+           'true_match_lists', 'composition_stats', 'n_items', 'benchmark_item', 'render_item', 'emoji_manifest',
+           'build_emoji_benchmark', 'plot_examples', 'split_items', 'plot_true_matches', 'sizes_table',
            'build_times_table']
 
 # %% ../../nbs/04a_data.emoji.ipynb #a0c4fa6a
@@ -134,10 +138,15 @@ def render_emoji(char: str) -> Image.Image | None:
     if len(char) - len(base) == 1 and render_emoji(base) is None: return None  # only the skin-tone swatch was drawn
     return im.crop(box)
 
-def paste_emoji(canvas: Image.Image, char: str, box: tuple[int, int, int, int]) -> Image.Image:
-    "Draw `char` scaled to fit inside `box` = (x0, y0, x1, y1) on `canvas` (in place), keeping its aspect."
+def paste_emoji(canvas: Image.Image, char: str, box: tuple[int, int, int, int],
+                angle: float = 0.0,  # rotation in degrees (counter-clockwise), applied before fitting
+               ) -> Image.Image:
+    "Draw `char` (rotated by `angle`) scaled to fit inside `box` = (x0, y0, x1, y1) on `canvas` (in place), keeping its aspect."
     g = render_emoji(char)
     if g is None: raise DataError(f"emoji {char!r} does not render with the installed font {font_path()}")
+    if angle:
+        g = g.rotate(angle, resample=Image.BICUBIC, expand=True)
+        g = g.crop(g.getbbox() or (0, 0, g.width, g.height))
     w, h = box[2] - box[0], box[3] - box[1]
     s = min(w / g.width, h / g.height)
     g = g.resize((max(1, round(g.width * s)), max(1, round(g.height * s))), Image.LANCZOS)
@@ -172,6 +181,32 @@ def renderable(entries, rng: np.random.Generator | None = None, n: int | None = 
         if n is not None and len(out) == n: break
     return out
 
+# %% ../../nbs/04a_data.emoji.ipynb #a7c68b72
+PROTOCOLS = ("compositional", "unseen-concept")
+
+@functools.lru_cache(maxsize=8)
+def vocabulary(seed: int = 0, size: int | None = None) -> tuple[EmojiEntry, ...]:
+    "One canonical renderable variant per group (its first in code-point order), distinct short names; `size` of them drawn at random (seeded) if given."
+    groups: dict[str, list[EmojiEntry]] = {}
+    for e in emoji_catalogue(): groups.setdefault(e.group, []).append(e)
+    out, names = [], set()
+    for members in groups.values():  # catalogue (code-point) order
+        e = next((m for m in members if render_emoji(m.char) is not None), None)
+        if e is None or e.short_name in names: continue
+        out.append(e); names.add(e.short_name)
+    if size is not None:
+        if not 8 <= size <= len(out): raise ConfigError(f"`vocab_size` must lie in [8, {len(out)}], got {size}")
+        keep = set(np.random.default_rng([seed, 11]).choice(len(out), size, replace=False).tolist())
+        out = [e for j, e in enumerate(out) if j in keep]
+    return tuple(out)
+
+@functools.lru_cache(maxsize=64)
+def _concept_pool(seed: int, size: int | None, protocol: str, fractions: tuple, split: str) -> tuple[EmojiEntry, ...]:
+    voc = vocabulary(seed, size)
+    if protocol == "compositional": return voc
+    if protocol != "unseen-concept": raise ConfigError(f"`protocol` must be one of {PROTOCOLS}, got {protocol!r}")
+    return tuple(e for e in voc if split_of_group(e.group, seed, fractions) == split)
+
 # %% ../../nbs/04a_data.emoji.ipynb #c3d7ab71
 @dataclass
 class EmojiBenchConfig(Config):
@@ -190,6 +225,13 @@ class EmojiBenchConfig(Config):
     frames: int = 16                 # video: frames per clip (T)
     min_events: int = 2              # video: events per clip
     max_events: int = 3
+    protocol: str = "compositional"  # scenes/video: "compositional" or "unseen-concept"; objects: "unseen-concept" only
+    vocab_size: int | None = None    # scenes/video: concepts in the vocabulary (None: every renderable group)
+    max_rotation: float = 15.0       # scenes/video: each emoji rotated by up to this many degrees
+    min_background: int = 185        # scenes/video: background colours have channels in [min_background, 255]
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS: raise ConfigError(f"`protocol` must be one of {PROTOCOLS}, got {self.protocol!r}")
 
     def __post_init__(self):
         for k in ("n_train", "n_val", "n_test", "captions_per_item", "min_objects", "frames", "min_events"): self.check_range(k, ge=1)
@@ -203,19 +245,29 @@ class EmojiBenchConfig(Config):
     def n_items(self, split: str) -> int | None: return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
 
 PRESETS: dict[str, dict[str, EmojiBenchConfig]] = {
-    "emoji-objects": {"tiny": EmojiBenchConfig(),
-                      "full": EmojiBenchConfig(n_train=None, n_val=None, n_test=None)},
-    "emoji-scenes": {"tiny": EmojiBenchConfig(),
+    "emoji-objects": {"tiny": EmojiBenchConfig(protocol="unseen-concept"),
+                      "full": EmojiBenchConfig(n_train=None, n_val=None, n_test=None, protocol="unseen-concept")},
+    "emoji-scenes": {"tiny": EmojiBenchConfig(vocab_size=60),
                      "full": EmojiBenchConfig(n_train=4000, n_val=500, n_test=1000)},
-    "emoji-video": {"tiny": EmojiBenchConfig(n_train=32, n_val=32, n_test=32, image_size=112),
-                    "full": EmojiBenchConfig(n_train=2000, n_val=250, n_test=500, image_size=112)},
+    "emoji-video": {"tiny": EmojiBenchConfig(n_train=32, n_val=32, n_test=32, image_size=112, vocab_size=40),
+                    "full": EmojiBenchConfig(n_train=2000, n_val=250, n_test=500, image_size=112, vocab_size=800),
+                    # a quarter of the training clips and frames to encode (the full build takes ~40 min on a
+                    # loaded 2-core CPU); the vocabulary shrinks with it so that each concept keeps ~6 training events
+                    "small": EmojiBenchConfig(n_train=500, n_val=100, n_test=500, image_size=112, vocab_size=200)},
 }
 
+# the protocols of each benchmark, the default first
+BENCH_PROTOCOLS = {"emoji-objects": ("unseen-concept",), "emoji-scenes": PROTOCOLS, "emoji-video": PROTOCOLS}
+
 def preset_config(name: str, preset: str) -> EmojiBenchConfig:
-    "The config of a benchmark preset."
+    "The config of a benchmark preset: 'tiny', 'full', or with a protocol, 'full:unseen-concept'."
     if name not in PRESETS: raise DataError(f"unknown emoji benchmark {name!r}; known: {list(PRESETS)}")
-    if preset not in PRESETS[name]: raise DataError(f"benchmark {name!r} has no preset {preset!r}; choose from {list(PRESETS[name])}")
-    return PRESETS[name][preset]
+    base, _, proto = preset.partition(":")
+    if base not in PRESETS[name]: raise DataError(f"benchmark {name!r} has no preset {base!r}; choose from {list(PRESETS[name])}")
+    if proto and proto not in BENCH_PROTOCOLS[name]:
+        raise DataError(f"benchmark {name!r} has no protocol {proto!r}; choose from {list(BENCH_PROTOCOLS[name])}")
+    cfg = PRESETS[name][base]
+    return cfg.replace(protocol=proto) if proto and proto != cfg.protocol else cfg
 
 # %% ../../nbs/04a_data.emoji.ipynb #be854344
 @dataclass
@@ -232,21 +284,60 @@ def _a(phrase: str) -> str:
 def _rng(cfg: EmojiBenchConfig, split: str, i: int, kind: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, SPLITS.index(split), i, kind])
 
+def _background(rng: np.random.Generator, size: int, lo: int) -> Image.Image:
+    "A light background: a linear gradient (vertical or horizontal) between two random colours with channels in [lo, 255]."
+    c0, c1 = rng.integers(lo, 256, 3), rng.integers(lo, 256, 3)
+    t = np.linspace(0.0, 1.0, size)[:, None]
+    ramp = np.round(c0 * (1 - t) + c1 * t).astype(np.uint8)  # (size, 3)
+    arr = np.repeat(ramp[:, None, :], size, 1) if rng.random() < 0.5 else np.repeat(ramp[None, :, :], size, 0)
+    return Image.fromarray(arr, "RGB")
+
+def concept_pool(cfg: EmojiBenchConfig, split: str) -> tuple[EmojiEntry, ...]:
+    "The concepts the items of `split` draw from: the whole vocabulary (compositional) or its groups of `split` (unseen-concept)."
+    return _concept_pool(cfg.seed, cfg.vocab_size, cfg.protocol, tuple(cfg.split_fractions), split)
+
+_TRAIN_SETS: dict[tuple[str, str], frozenset] = {}
+
+def _train_sets(name: str, cfg: EmojiBenchConfig, plan) -> frozenset[frozenset[str]]:
+    key = (name, json.dumps(cfg.to_dict(), sort_keys=True))
+    if key not in _TRAIN_SETS:
+        _TRAIN_SETS[key] = frozenset(frozenset(e.group for e in plan(cfg, "train", i)[1]) for i in range(cfg.n_train))
+    return _TRAIN_SETS[key]
+
+def train_compositions(name: str, cfg: EmojiBenchConfig) -> frozenset[frozenset[str]]:
+    "The emoji sets (as sets of group keys) of every training item of benchmark `name` under `cfg` (no rendering)."
+    return _train_sets(name, cfg, ITEM_PLANS[name])
+
+def _new_composition(name: str, cfg: EmojiBenchConfig, split: str, rng: np.random.Generator, draw, plan) -> list[EmojiEntry]:
+    "`draw()` until its emoji set is not the set of a training item (compositional val/test only); `plan(cfg, 'train', i)` draws training item i."
+    seen = _train_sets(name, cfg, plan) if split != "train" and cfg.protocol == "compositional" else frozenset()
+    for _ in range(1000):
+        ents = draw()
+        if frozenset(e.group for e in ents) not in seen: return ents
+    raise DataError(f"{name}: no new composition found in 1000 draws (vocabulary too small for {cfg.n_train} training items?)")
+
 # %% ../../nbs/04a_data.emoji.ipynb #9a1d10fe
 _OBJ_TEMPLATES = ("{a_name} emoji", "a picture of {a_name}", "an icon showing {a_name}",
                   "{a_name} on a white background", "an emoji about {kw1}", "an emoji about {kw1} and {kw2}",
                   "something related to {kw1}", "a small drawing of {a_name}")
 
-def _object_captions(e: EmojiEntry, rng: np.random.Generator, k: int) -> list[str]:
-    caps = [e.name]
-    kws = [k for k in e.keywords if "skin tone" not in k and not k.startswith("type ")
-           and all(ord(c) < 0x250 or c in "“”‘’–" for c in k)] or [e.short_name]  # Latin-script keywords only
+def _object_keywords(e: EmojiEntry) -> list[str]:
+    "The keywords captions may use: Latin-script CLDR keywords (no skin tones), else the short name."
+    return [k for k in e.keywords if "skin tone" not in k and not k.startswith("type ")
+            and all(ord(c) < 0x250 or c in "“”‘’–" for c in k)] or [e.short_name]
+
+def _object_captions(e: EmojiEntry, rng: np.random.Generator, k: int) -> list[tuple[str, dict]]:
+    "`k` captions with their meaning: `{'kind': 'name', 'name': ...}` or `{'kind': 'keywords', 'keywords': [...]}`."
+    caps, kws = [(e.name, {"kind": "name", "name": e.name})], _object_keywords(e)
     for t in rng.permutation(len(_OBJ_TEMPLATES)):
         if len(caps) == k: break
         kw = rng.permutation(len(kws))
-        c = _OBJ_TEMPLATES[t].format(a_name=_a(e.phrase), kw1=kws[kw[0]], kw2=kws[kw[-1]])
-        if "{kw2}" in _OBJ_TEMPLATES[t] and len(kws) < 2: continue
-        if c not in caps: caps.append(c)
+        tpl = _OBJ_TEMPLATES[t]
+        c = tpl.format(a_name=_a(e.phrase), kw1=kws[kw[0]], kw2=kws[kw[-1]])
+        if "{kw2}" in tpl and len(kws) < 2: continue
+        spec = ({"kind": "name", "name": e.name} if "{a_name}" in tpl else
+                {"kind": "keywords", "keywords": sorted({kws[kw[0]], kws[kw[-1]]} if "{kw2}" in tpl else {kws[kw[0]]})})
+        if c not in [x[0] for x in caps]: caps.append((c, spec))
     while len(caps) < k: caps.append(caps[len(caps) % max(1, len(caps))])  # too few distinct templates: repeat
     return caps[:k]
 
@@ -269,15 +360,18 @@ def _object_entries_cached(seed: int, fractions: tuple, n: int | None, split: st
 
 def object_item(cfg: EmojiBenchConfig, split: str, i: int) -> EmojiItem:
     "Item `i` of emoji-objects."
+    if cfg.protocol != "unseen-concept": raise ConfigError("emoji-objects has only the 'unseen-concept' protocol (one emoji per image)")
     e = _object_entries(cfg, split)[i]
     caps = _object_captions(e, _rng(cfg, split, i, 1), cfg.captions_per_item)
-    return EmojiItem(f"{split}-{i:05d}", emoji_image(e.char, cfg.image_size), caps,
-                     {"emoji": [e.char], "names": [e.name]})
+    return EmojiItem(f"{split}-{i:05d}", emoji_image(e.char, cfg.image_size), [c[0] for c in caps],
+                     {"emoji": [e.char], "names": [e.name], "keywords": _object_keywords(e),
+                      "captions": [{"mentions": [0], **c[1]} for c in caps]})
 
 # %% ../../nbs/04a_data.emoji.ipynb #75205f51
 _REGIONS = (("in the top left corner", "at the top", "in the top right corner"),
             ("on the left", "in the centre", "on the right"),
             ("in the bottom left corner", "at the bottom", "in the bottom right corner"))
+SIZE_RATIO = 1.3  # "a big X and a small Y": side of X over side of Y above this
 
 def _pick_distinct(pool, rng, k: int) -> list[EmojiEntry]:
     "k renderable entries with distinct groups and distinct short names."
@@ -289,52 +383,64 @@ def _pick_distinct(pool, rng, k: int) -> list[EmojiEntry]:
         if len(out) == k: return out
     raise DataError(f"the split pool holds only {len(out)} distinct renderable emoji, {k} needed")
 
-def _scene_captions(objs: list[dict], rng: np.random.Generator, k: int) -> list[tuple[str, tuple[int, ...], str]]:
+def relation(o: dict, p: dict) -> str:
+    "Where `o` is relative to `p` (objects with a `center`): by the larger offset of their centres."
+    dx, dy = p["center"][0] - o["center"][0], p["center"][1] - o["center"][1]
+    return ("to the left of" if dx > 0 else "to the right of") if abs(dx) >= abs(dy) else ("above" if dy > 0 else "below")
+
+def _scene_captions(objs: list[dict], rng: np.random.Generator, k: int) -> list[tuple[str, tuple[int, ...], dict]]:
+    "`k` captions as (text, indices of the emoji mentioned, meaning)."
     cands = []
     for a, o in enumerate(objs):
-        cands.append((f"{_a(o['name'])} {o['region']}", (a,), "position"))
+        cands.append((f"{_a(o['name'])} {o['region']}", (a,), {"kind": "position", "names": [o["name"]], "region": o["region"]}))
     for a, o in enumerate(objs):
         for b, p in enumerate(objs):
             if a == b: continue
-            dx, dy = p["center"][0] - o["center"][0], p["center"][1] - o["center"][1]
-            rel = ("to the left of" if dx > 0 else "to the right of") if abs(dx) >= abs(dy) else ("above" if dy > 0 else "below")
-            cands.append((f"{_a(o['name'])} {rel} {_a(p['name'])}", (a, b), "relation"))
+            rel = relation(o, p)
+            cands.append((f"{_a(o['name'])} {rel} {_a(p['name'])}", (a, b),
+                          {"kind": "relation", "names": [o["name"], p["name"]], "rel": rel}))
             if a < b:
-                r = o["size"] / p["size"]
-                if r > 1.3: cands.append((f"{_a('big ' + o['name'])} and {_a('small ' + p['name'])}", (a, b), "size"))
-                elif r < 1 / 1.3: cands.append((f"{_a('small ' + o['name'])} and {_a('big ' + p['name'])}", (a, b), "size"))
-                else: cands.append((f"{_a(o['name'])} and {_a(p['name'])}", (a, b), "pair"))
+                r, names = o["size"] / p["size"], [o["name"], p["name"]]
+                if r > SIZE_RATIO: cands.append((f"{_a('big ' + o['name'])} and {_a('small ' + p['name'])}", (a, b), {"kind": "size", "names": names, "big": 0}))
+                elif r < 1 / SIZE_RATIO: cands.append((f"{_a('small ' + o['name'])} and {_a('big ' + p['name'])}", (a, b), {"kind": "size", "names": names, "big": 1}))
+                else: cands.append((f"{_a(o['name'])} and {_a(p['name'])}", (a, b), {"kind": "pair", "names": names}))
     order = list(rng.permutation(len(cands)))
     chosen, used_sets, used_kinds, covered = [], set(), {}, set()
     while len(chosen) < k and order:
         score = lambda j: (frozenset(cands[j][1]) not in used_sets, len(set(cands[j][1]) - covered),
-                           -used_kinds.get(cands[j][2], 0))
+                           -used_kinds.get(cands[j][2]["kind"], 0))
         j = max(order, key=score)  # max keeps the first (random) among ties
         order.remove(j); c = cands[j]
-        chosen.append(c); used_sets.add(frozenset(c[1])); covered |= set(c[1]); used_kinds[c[2]] = used_kinds.get(c[2], 0) + 1
+        chosen.append(c); used_sets.add(frozenset(c[1])); covered |= set(c[1])
+        used_kinds[c[2]["kind"]] = used_kinds.get(c[2]["kind"], 0) + 1
     return chosen
+
+def _scene_plan(cfg: EmojiBenchConfig, split: str, i: int) -> tuple[np.random.Generator, list[EmojiEntry]]:
+    "The random stream of scene `i` and its emoji (a new composition for compositional val/test)."
+    rng = _rng(cfg, split, i, 2)
+    pool = concept_pool(cfg, split)
+    k = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    return rng, _new_composition("emoji-scenes", cfg, split, rng, lambda: _pick_distinct(pool, rng, k), _scene_plan)
 
 def scene_item(cfg: EmojiBenchConfig, split: str, i: int) -> EmojiItem:
     "Item `i` of emoji-scenes."
-    rng, S = _rng(cfg, split, i, 2), cfg.image_size
-    pool = split_pool(split, cfg.seed, tuple(cfg.split_fractions))
-    k = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    ents = _pick_distinct(pool, rng, k)
-    bg = tuple(int(v) for v in rng.integers(225, 256, 3))
-    canvas, objs, boxes = Image.new("RGB", (S, S), bg), [], []
+    rng, ents = _scene_plan(cfg, split, i)
+    S = cfg.image_size
+    canvas, objs, boxes = _background(rng, S, cfg.min_background), [], []
     for e in ents:
         for attempt in range(100):
             s = int(S * rng.uniform(cfg.min_scale, cfg.max_scale) * (0.97 ** attempt))
             x, y = int(rng.integers(0, S - s + 1)), int(rng.integers(0, S - s + 1))
             b = (x, y, x + s, y + s)
             if all(b[2] <= c[0] or c[2] <= b[0] or b[3] <= c[1] or c[3] <= b[1] for c in boxes): break
-        boxes.append(b); paste_emoji(canvas, e.char, b)
+        angle = float(rng.uniform(-cfg.max_rotation, cfg.max_rotation))
+        boxes.append(b); paste_emoji(canvas, e.char, b, angle)
         cx, cy = (b[0] + b[2]) / 2 / S, (b[1] + b[3]) / 2 / S
-        objs.append({"emoji": e.char, "name": e.short_name, "box": list(b), "center": [cx, cy], "size": s,
-                     "region": _REGIONS[min(int(cy * 3), 2)][min(int(cx * 3), 2)]})
+        objs.append({"emoji": e.char, "name": e.short_name, "group": e.group, "box": list(b), "center": [cx, cy],
+                     "size": s, "angle": round(angle, 2), "region": _REGIONS[min(int(cy * 3), 2)][min(int(cx * 3), 2)]})
     caps = _scene_captions(objs, rng, cfg.captions_per_item)
     return EmojiItem(f"{split}-{i:05d}", canvas, [c[0] for c in caps],
-                     {"objects": objs, "captions": [{"mentions": list(c[1]), "kind": c[2]} for c in caps]})
+                     {"objects": objs, "captions": [{"mentions": list(c[1]), **c[2]} for c in caps]})
 
 # %% ../../nbs/04a_data.emoji.ipynb #9b2339ce
 _ACTIONS = ("moves from left to right", "moves from right to left", "falls from the top to the bottom",
@@ -350,34 +456,44 @@ def _event_pose(action: str, t: float, y0: float, region: tuple[int, int]) -> tu
     if action == "shrinks": return 0.5, 0.5, 0.75 - 0.6 * t
     return (region[1] + 0.5) / 3, (region[0] + 0.5) / 3, 0.3
 
-def video_item(cfg: EmojiBenchConfig, split: str, i: int) -> EmojiItem:
-    "Item `i` of emoji-video: `visual` is the list of T frames."
-    rng, S, T = _rng(cfg, split, i, 3), cfg.image_size, cfg.frames
-    pool = split_pool(split, cfg.seed, tuple(cfg.split_fractions))
+def _video_plan(cfg: EmojiBenchConfig, split: str, i: int) -> tuple[np.random.Generator, list[EmojiEntry], list[tuple[int, int]]]:
+    "The random stream of clip `i`, its emoji (a new composition for compositional val/test) and their frame spans."
+    rng, T = _rng(cfg, split, i, 3), cfg.frames
+    pool = concept_pool(cfg, split)
     n_ev = int(rng.integers(cfg.min_events, cfg.max_events + 1))
     if T < 3 * n_ev: raise ConfigError(f"`frames`={T} is too few for {n_ev} events of at least 3 frames")
     cuts = sorted(rng.choice(np.arange(3, T - 2), n_ev - 1, replace=False).tolist()) if n_ev > 1 else []
     while any(b - a < 3 for a, b in zip([0] + cuts, cuts + [T])):
         cuts = sorted(rng.choice(np.arange(3, T - 2), n_ev - 1, replace=False).tolist())
     spans = list(zip([0] + cuts, cuts + [T]))
-    ents = _pick_distinct(pool, rng, n_ev)
+    return rng, _new_composition("emoji-video", cfg, split, rng, lambda: _pick_distinct(pool, rng, n_ev), _video_plan), spans
+
+def _event_key(ev: dict) -> tuple:
+    "What an event caption says: (name, action, region if the emoji stays)."
+    return (ev["name"], ev["action"], tuple(ev["region"]) if ev["action"] == "stays" else None)
+
+def video_item(cfg: EmojiBenchConfig, split: str, i: int) -> EmojiItem:
+    "Item `i` of emoji-video: `visual` is the list of T frames."
+    rng, ents, spans = _video_plan(cfg, split, i)
+    S, T, n_ev = cfg.image_size, cfg.frames, len(ents)
     acts = [_ACTIONS[j] for j in rng.choice(len(_ACTIONS), n_ev, replace=len(_ACTIONS) < n_ev)]
     events = []
     for e, a, (s0, s1) in zip(ents, acts, spans):
         reg = (int(rng.integers(0, 3)), int(rng.integers(0, 3)))
         desc = f"{_a(e.short_name)} {a}" if a != "stays" else f"{_a(e.short_name)} appears {_REGIONS[reg[0]][reg[1]]}"
-        events.append({"emoji": e.char, "name": e.short_name, "action": a, "frames": [s0, s1],
-                       "y0": float(rng.uniform(0.25, 0.75)), "region": list(reg), "text": desc})
-    bg = tuple(int(v) for v in rng.integers(225, 256, 3))
+        events.append({"emoji": e.char, "name": e.short_name, "group": e.group, "action": a, "frames": [s0, s1],
+                       "y0": float(rng.uniform(0.25, 0.75)), "region": list(reg), "text": desc,
+                       "scale": float(rng.uniform(0.85, 1.15)), "angle": round(float(rng.uniform(-cfg.max_rotation, cfg.max_rotation)), 2)})
+    bg = _background(rng, S, cfg.min_background)
     frames = []
     for t in range(T):
-        im = Image.new("RGB", (S, S), bg)
+        im = bg.copy()
         for ev in events:
             s0, s1 = ev["frames"]
             if not s0 <= t < s1: continue
             cx, cy, sz = _event_pose(ev["action"], (t - s0) / max(1, s1 - s0 - 1), ev["y0"], tuple(ev["region"]))
-            half = sz * S / 2
-            paste_emoji(im, ev["emoji"], (round(cx * S - half), round(cy * S - half), round(cx * S + half), round(cy * S + half)))
+            half = sz * ev["scale"] * S / 2
+            paste_emoji(im, ev["emoji"], (round(cx * S - half), round(cy * S - half), round(cx * S + half), round(cy * S + half)), ev["angle"])
         frames.append(im)
     # captions at three granularities
     txt = [ev["text"] for ev in events]
@@ -392,9 +508,11 @@ def video_item(cfg: EmojiBenchConfig, split: str, i: int) -> EmojiItem:
         c = next(c for c in rest if c[2] == kind); chosen.append(c); rest.remove(c)
     chosen += rest[: cfg.captions_per_item - len(chosen)]
     chosen = chosen[: cfg.captions_per_item]
+    keys = [list(_event_key(ev)) for ev in events]
     return EmojiItem(f"{split}-{i:05d}", frames, [c[0] for c in chosen],
-                     {"events": [{k: ev[k] for k in ("emoji", "name", "action", "frames", "text")} for ev in events],
-                      "captions": [{"mentions": list(c[1]), "kind": c[2]} for c in chosen]})
+                     {"events": [{k: ev[k] for k in ("emoji", "name", "group", "action", "region", "frames", "text", "scale", "angle")}
+                                 for ev in events],
+                      "captions": [{"mentions": list(c[1]), "kind": c[2], "events": [keys[j] for j in c[1]]} for c in chosen]})
 
 # %% ../../nbs/04a_data.emoji.ipynb #264dd0e2
 def filmstrip(frames: list[Image.Image], every: int = 1) -> Image.Image:
@@ -404,9 +522,94 @@ def filmstrip(frames: list[Image.Image], every: int = 1) -> Image.Image:
     for j, f in enumerate(fr): strip.paste(f, (j * W, 0))
     return strip
 
+# %% ../../nbs/04a_data.emoji.ipynb #e129baeb
+def caption_true(name: str,  # benchmark name
+                 spec: dict,  # what the caption says: `info["captions"][j]`
+                 item: dict,  # what the item holds: its `info` (or `meta["items"][i]`)
+                ) -> bool:
+    "Whether the caption described by `spec` is TRUE of `item` (rules in the table above)."
+    kind = spec["kind"]
+    if name == "emoji-objects":
+        if kind == "name": return item["names"][0] == spec["name"]
+        return set(spec["keywords"]) <= set(item["keywords"])
+    if name == "emoji-video":
+        evs, want = [_event_key(e) for e in item["events"]], [tuple(None if x is None else tuple(x) if isinstance(x, list) else x for x in w) for w in spec["events"]]
+        if kind == "clip": return evs == want
+        if kind == "event": return want[0] in evs
+        return any(evs[a] == want[0] and want[1] in evs[a + 1:] for a in range(len(evs)))
+    by = {o["name"]: o for o in item["objects"]}
+    if not all(n in by for n in spec["names"]): return False
+    o = by[spec["names"][0]]
+    if kind == "position": return o["region"] == spec["region"]
+    q = by[spec["names"][1]]
+    if kind == "relation": return relation(o, q) == spec["rel"]
+    if kind == "size": return o["size"] / q["size"] > SIZE_RATIO if spec["big"] == 0 else o["size"] / q["size"] < 1 / SIZE_RATIO
+    if kind == "pair": return True
+    raise DataError(f"unknown caption kind {kind!r}")
+
+def _keys(name: str, spec: dict | None = None, item: dict | None = None) -> set[str]:
+    "Index keys a caption needs (`spec`) or an item offers (`item`): names, and keywords for objects."
+    if name == "emoji-objects":
+        if item is not None: return {"n:" + item["names"][0]} | {"k:" + k for k in item["keywords"]}
+        return {"n:" + spec["name"]} if spec["kind"] == "name" else {"k:" + k for k in spec["keywords"]}
+    if name == "emoji-video":
+        return {e["name"] for e in item["events"]} if item is not None else {e[0] for e in spec["events"]}
+    return {o["name"] for o in item["objects"]} if item is not None else set(spec["names"])
+
+def true_match_lists(name: str,          # benchmark name
+                     items: list[dict],  # what each item holds (n_visual)
+                     caption_info: list[dict],  # what each caption says (n_text)
+                    ) -> list[list[int]]:
+    "For every caption, the sorted indices of the items it is TRUE of."
+    post: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        for k in _keys(name, item=it): post.setdefault(k, []).append(i)
+    out = []
+    for spec in caption_info:
+        ks = sorted(_keys(name, spec), key=lambda k: len(post.get(k, ())))
+        cand = set(post.get(ks[0], ())) if ks else set(range(len(items)))
+        for k in ks[1:]: cand &= set(post.get(k, ()))
+        out.append(sorted(i for i in cand if caption_true(name, spec, items[i])))
+    return out
+
+# %% ../../nbs/04a_data.emoji.ipynb #f6f184e1
+def _concepts(name: str, item: dict) -> list[str]:
+    return item["names"] if name == "emoji-objects" else [e["name"] for e in item.get("objects", item.get("events", []))]
+
+def _pairs(name: str, spec: dict) -> set[frozenset]:
+    "The emoji pairs a caption names together (a two-emoji caption, or consecutive events of a multi-event one)."
+    names = spec.get("names") or [e[0] for e in spec.get("events", [])]
+    return {frozenset(p) for p in zip(names, names[1:]) if p[0] != p[1]} if name != "emoji-objects" else set()
+
+def composition_stats(data: RetrievalData,   # a built split of an emoji benchmark (val or test)
+                      train: RetrievalData,  # the training split of the same benchmark and protocol
+                     ) -> dict:
+    "New compositions, never-co-occurring pairs, shared wording and true matches of a split (shares in %)."
+    name, items, cinfo = data.name, data.meta["items"], data.meta["caption_info"]
+    tr = [frozenset(_concepts(name, it)) for it in train.meta["items"]]
+    tr_sets, tr_concepts = set(tr), set().union(*tr)
+    tr_pairs = {frozenset(p) for s in tr for p in itertools.combinations(sorted(s), 2)}
+    sets = [frozenset(_concepts(name, it)) for it in items]
+    pairs = [_pairs(name, c) for c in cinfo]
+    pair_caps = [p for p in pairs if p]
+    owners: dict[str, set[int]] = {}
+    for c, i in zip(data.captions, data.text_to_visual.tolist()): owners.setdefault(c, set()).add(i)
+    m = data.true_matches()
+    pct = lambda a, b: round(100.0 * a / max(1, b), 2)
+    return {"items": data.n_visual, "captions": data.n_text,
+            "concepts": len(set().union(*sets)), "concepts seen in training (%)": pct(len(set().union(*sets) & tr_concepts), len(set().union(*sets))),
+            "new compositions (%)": pct(sum(s not in tr_sets for s in sets), len(sets)),
+            "two-emoji captions": len(pair_caps),
+            "pair never co-occurs in training (%)": pct(sum(not (p & tr_pairs) for p in pair_caps), len(pair_caps)),
+            "captions sharing their wording with another item": sum(len(owners[c]) > 1 for c in data.captions),
+            "shared wording (%)": pct(sum(len(owners[c]) > 1 for c in data.captions), data.n_text),
+            "captions true of >1 item (%)": pct(sum(len(x) > 1 for x in m), len(m)),
+            "true items per caption (mean)": round(sum(map(len, m)) / max(1, len(m)), 3)}
+
 # %% ../../nbs/04a_data.emoji.ipynb #9622adb9
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 ITEM_MAKERS = {"emoji-objects": object_item, "emoji-scenes": scene_item, "emoji-video": video_item}
+ITEM_PLANS = {"emoji-scenes": _scene_plan, "emoji-video": _video_plan}  # emoji choice without rendering
 
 def n_items(name: str, preset: str, split: str) -> int:
     "How many items a split of a benchmark preset has."
@@ -446,13 +649,13 @@ def build_emoji_benchmark(name: str, preset: str = "tiny", split: str = "train",
     import torch
     feature_cfg = feature_cfg or FeatureConfig()
     cfg, n = preset_config(name, preset), n_items(name, preset, split)
-    ids, caps, t2v, infos, cinfo, local = [], [], [], [], [], []
+    ids, caps, t2v, infos, cinfo, local = [], [], [], [], [], []  # infos: what each item holds
     for c0 in tqdm(range(0, n, chunk), desc=f"{name} {split}", disable=n <= chunk or not feature_cfg.progress):
         items = [ITEM_MAKERS[name](cfg, split, i) for i in range(c0, min(n, c0 + chunk))]
         for i, it in zip(range(c0, n), items):
             ids.append(it.id); caps += it.captions; t2v += [i] * len(it.captions)
             infos.append({k: v for k, v in it.info.items() if k != "captions"})
-            cinfo += it.info.get("captions", [{"mentions": [0], "kind": "object"}] * len(it.captions))
+            cinfo += it.info["captions"]
         if name == "emoji-video":
             _, g = encode_images([f for it in items for f in it.visual], feature_cfg, desc="frames")
             local.append(g.reshape(len(items), cfg.frames, -1))
@@ -460,17 +663,18 @@ def build_emoji_benchmark(name: str, preset: str = "tiny", split: str = "train",
             local.append(encode_images([it.visual for it in items], feature_cfg, desc="images")[0])
     local = torch.cat(local)
     tl, tm, tg = encode_texts(caps, feature_cfg, desc="captions")
+    ptr, ind = matches_to_csr(true_match_lists(name, infos, cinfo))
     meta = {"config": cfg.to_dict(), "preset": preset, "features": feature_manifest(feature_cfg),
             "items": infos, "caption_info": cinfo,
             "local": "frames" if name == "emoji-video" else f"{int(local.shape[1] ** 0.5)}x{int(local.shape[1] ** 0.5)} grid"}
     return RetrievalData(name=name, split=split, visual_ids=ids, visual_global=local.mean(1), visual_local=local,
                          visual_mask=None, captions=caps, text_to_visual=torch.tensor(t2v, dtype=torch.long),
-                         text_global=tg, text_local=tl, text_mask=tm, meta=meta)
+                         text_global=tg, text_local=tl, text_mask=tm, meta=meta, match_indptr=ptr, match_indices=ind)
 
 for _name in ITEM_MAKERS:
     register_benchmark(Benchmark(_name, presets=tuple(PRESETS[_name]),
                                  manifest=functools.partial(emoji_manifest, _name),
-                                 build=functools.partial(build_emoji_benchmark, _name)))
+                                 build=functools.partial(build_emoji_benchmark, _name), protocols=BENCH_PROTOCOLS[_name]))
 
 # %% ../../nbs/04a_data.emoji.ipynb #442df776
 def plot_examples(name: str, preset: str = "tiny", split: str = "test", idx=(0, 1, 2, 3, 4, 5),
@@ -496,17 +700,67 @@ def plot_examples(name: str, preset: str = "tiny", split: str = "test", idx=(0, 
     fig.tight_layout()
     return fig
 
+# %% ../../nbs/04a_data.emoji.ipynb #f5b5fb0f
+def split_items(name: str, preset: str, split: str) -> list[EmojiItem]:
+    "Every item of a split, generated (images and info, no features)."
+    return [benchmark_item(name, preset, split, i) for i in range(n_items(name, preset, split))]
+
+def plot_true_matches(name: str, preset: str = "tiny", split: str = "test",
+                      captions=None,       # caption indices in the split (None: the first `n` with several true items)
+                      n: int = 3,          # captions to draw when `captions` is None
+                      max_items: int = 4,  # items drawn per caption
+                      frames_every: int = 4, width: float = 2.2):
+    "A figure: per caption, its text and the items it is TRUE of (own item first, framed green)."
+    import textwrap
+    import matplotlib.pyplot as plt
+    items = split_items(name, preset, split)
+    caps = [c for it in items for c in it.captions]
+    own = [i for i, it in enumerate(items) for _ in it.captions]
+    match = true_match_lists(name, [it.info for it in items], [c for it in items for c in it.info["captions"]])
+    if captions is None:  # distinct wordings with several true items first
+        multi = [j for j, m in enumerate(match) if len(m) > 1]
+        captions = ([j for k, j in enumerate(multi) if caps[j] not in {caps[x] for x in multi[:k]}] or list(range(len(caps))))[:n]
+    video = name == "emoji-video"
+    ncols = 1 + (1 if video else max_items)
+    rows = []
+    for j in captions:
+        others = [i for i in match[j] if i != own[j]]
+        ids = [own[j]] + others[:max_items - 1]
+        rows += [(j, ids[k:k + 1]) for k in range(len(ids))] if video else [(j, ids)]
+    col_w = [1.6 * width] + [(16 // frames_every if video else 1) * width] * (ncols - 1)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(sum(col_w), 1.1 * width * len(rows)), squeeze=False, dpi=60,
+                             gridspec_kw={"width_ratios": col_w})
+    for ax in axes.flat: ax.axis("off")
+    for r, (j, ids) in enumerate(rows):
+        first = r == 0 or rows[r - 1][0] != j
+        if first:
+            axes[r, 0].text(0, 0.5, textwrap.fill(f"\u201c{caps[j]}\u201d\ntrue of {len(match[j])} item(s)", 26),
+                            va="center", fontsize=9, transform=axes[r, 0].transAxes)
+        for c, i in enumerate(ids):
+            ax = axes[r, 1 + c]
+            v = items[i].visual
+            ax.imshow(filmstrip(v, frames_every) if video else v)
+            ax.set_title(items[i].id + (" (own)" if i == own[j] else ""), fontsize=8)
+            if i == own[j]:
+                ax.axis("on"); ax.set_xticks([]); ax.set_yticks([])
+                for s in ax.spines.values(): s.set_color("green"); s.set_linewidth(3)
+    fig.tight_layout()
+    return fig
+
 # %% ../../nbs/04a_data.emoji.ipynb #a5936d8f
-def sizes_table(names=tuple(ITEM_MAKERS), presets=("tiny", "full")):
+def sizes_table(names=tuple(ITEM_MAKERS), presets=None):  # presets: None = every preset of each benchmark
     "A pandas table of items and captions per split for each benchmark preset."
     import pandas as pd
     rows = []
     for name in names:
-        for preset in presets:
+        for preset in presets or PRESETS[name]:
             cfg = preset_config(name, preset)
             n = {s: n_items(name, preset, s) for s in SPLITS}
+            voc = len(vocabulary(cfg.seed, cfg.vocab_size)) if name != "emoji-objects" else None
             rows.append({"benchmark": name, "preset": preset, **{f"{s} items": n[s] for s in SPLITS},
                          "captions / item": cfg.captions_per_item,
+                         "protocols": ", ".join(BENCH_PROTOCOLS[name]) + " (default first)" if name != "emoji-objects" else "unseen-concept",
+                         "vocabulary": voc if voc else "every emoji of the split",
                          "visual": f"{cfg.frames} frames of {cfg.image_size} px" if name == "emoji-video"
                                    else f"{cfg.image_size} px image, 7x7 grid"})
     return pd.DataFrame(rows).set_index(["benchmark", "preset"])

@@ -45,7 +45,7 @@ class BiEncoderConfig(Config):
     def __post_init__(self):
         if self.head not in ("linear", "mlp"): raise ConfigError(f"BiEncoderConfig.head must be 'linear' or 'mlp', got {self.head!r}")
         if self.loss not in ("triplet", "infonce"): raise ConfigError(f"BiEncoderConfig.loss must be 'triplet' or 'infonce', got {self.loss!r}")
-        self.check_range("d_emb", ge=1); self.check_range("d_text", ge=0); self.check_range("d_visual", ge=0)
+        self.check_range("embed_dim", ge=1); self.check_range("text_dim", ge=0); self.check_range("visual_dim", ge=0)
         self.check_range("dropout", ge=0, lt=1); self.check_range("margin", ge=0); self.check_range("temperature", gt=0)
 
 class Head(nn.Module):

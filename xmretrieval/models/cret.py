@@ -305,7 +305,7 @@ class Cret(RetrievalModel):
         if config.text.kind == "features":
             if getattr(data, "text_local", None) is None and getattr(data, "text_global", None) is None:
                 raise DataError(f"{data.name}/{data.split} has no precomputed text features; use CretConfig.text.kind='hf'")
-            changes["text_dim"] = int(data.d_text)
+            changes["text_dim"] = int(data.text_dim)
         return config.replace(**changes)
 
     def batch_keys(self) -> set[str]:
