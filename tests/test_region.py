@@ -150,6 +150,19 @@ def test_set_gallery_search(trained, tiny):
     torch.testing.assert_close(res.scores, half.topk(5).values, atol=1e-5, rtol=0)
 
 
+def test_bf16_autocast_training_runs_and_scores_in_float32(one_thread):
+    trainer = Trainer(load_config("region_tiny", epochs=1, bf16=True))
+    summary = trainer.fit()
+    assert math.isfinite(summary["test"]["RSUM"])
+    m = trainer.model.eval()
+    te = F.normalize(torch.randn(3, 1, 64), dim=-1)
+    ve = F.normalize(torch.randn(4, 49, 64), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s_bf = m.similarity(te.bfloat16(), ve)
+    assert s_bf.dtype == torch.float32
+    torch.testing.assert_close(s_bf, m.similarity(te.bfloat16().float(), ve), atol=1e-6, rtol=0)
+
+
 def test_cli_trains_and_reloads(tmp_path, one_thread):
     out = tmp_path / "run"
     summary = xmr_train("region_tiny", out=str(out), epochs=1)
@@ -174,7 +187,9 @@ def test_bad_shapes():
     m = RegionModel(RegionConfig(d_visual=10, d_text=6, d_emb=8))
     with pytest.raises(ConfigError, match="d_visual is 0"):
         RegionModel(RegionConfig(d_text=6))
+    with pytest.raises(ShapeError, match="one vector per caption"):
+        smooth_max_similarity(torch.randn(2, 3, 8), F.normalize(torch.randn(4, 5, 8), dim=-1))
     with pytest.raises(ShapeError, match="visual_local"):
         m.encode_visual({"visual_local": torch.randn(2, 5, 9)})
-    with pytest.raises(ShapeError, match="one vector per caption"):
+    with pytest.raises(ShapeError, match="text_emb"):
         m.similarity(torch.randn(2, 3, 8), F.normalize(torch.randn(4, 5, 8), dim=-1))
