@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from xmretrieval.checkpoint import load_config
-from xmretrieval.cli import xmr_eval, xmr_train
+from xmretrieval.cli import xmr_eval, xmr_index, xmr_search, xmr_train
 from xmretrieval.core import ConfigError, ShapeError
 from xmretrieval.data.core import load_benchmark
 from xmretrieval.data.emoji import render_item
@@ -171,6 +171,10 @@ def test_cli_trains_and_reloads(tmp_path, one_thread):
     assert isinstance(model, RegionModel) and cfg.model == "region"
     res = xmr_eval(str(out / "best.safetensors"), split="test")
     assert res["metrics"]["RSUM"] == pytest.approx(summary["test"]["RSUM"], abs=1e-6)
+    # `xmr index` / `xmr search`: region sets in a set gallery, a raw caption as a one-element query set
+    index = xmr_index(str(out / "best.safetensors"), out=str(tmp_path / "test.index"))
+    hits = xmr_search(str(index), "a dog face above a pizza", k=3)
+    assert len(hits) == 3 and all(h[0] is not None for h in hits) and hits[0][1] >= hits[2][1]
 
 
 @pytest.mark.parametrize("field,value", [("loss", "nce"), ("head", "deep"), ("reduction", "max"), ("alpha", 0.0),
