@@ -84,7 +84,7 @@ def _as_f32(x: Tensor, name: str, dim: int | None, normalized: bool) -> np.ndarr
     check_tensor(x, name, ndim=2, finite=not normalized)   # unit vectors: one pass over the norms checks both
     if dim is not None and x.shape[1] != dim:
         raise ShapeError(f"`{name}` has dimension {x.shape[1]} (shape {tuple(x.shape)}) but the index holds {dim}-d vectors")
-    if normalized: check_unit_vectors(x, name)
+    if normalized: check_unit_norm(x, name)
     return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
 
 def _check_k(k, n: int, what: str = "the index") -> int:

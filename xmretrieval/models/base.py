@@ -261,7 +261,8 @@ class RetrievalModel(nn.Module):
 
     @classmethod
     def config_for_data(cls, config: Config, data) -> Config:
-        "Fill the data-dependent fields of `config` (feature widths, ...) from a `RetrievalData`; default: unchanged."
+        "Fill the data-dependent fields of `config` (feature widths, ...) from a `RetrievalData`; default: a `visual_dim` of 0 becomes the data's visual feature width."
+        if getattr(config, "visual_dim", None) == 0: return config.replace(visual_dim=int(data.visual_local.shape[-1]))
         return config
 
     def batch_keys(self) -> set[str] | None:
