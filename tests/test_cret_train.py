@@ -29,7 +29,7 @@ def test_tiny_preset_trains_from_the_cli_and_reloads(tmp_path, one_thread):
     assert (out / "config.json").exists() and (out / "best.safetensors").exists()
     model, cfg, _ = load_checkpoint(out / "best.safetensors", model_name="cret")
     assert isinstance(model, Cret) and model.config.visual_dim == 1280 and model.config.text_dim == 384
-    assert cfg.model_config["global_loss"] == "gees" and model.config.gees_variant == "strict"
+    assert cfg.model_config_obj().global_loss == "gees" and model.config.gees_variant == "strict"
     res = xmr_eval(str(out / "best.safetensors"), split="test")
     for k in ("RSUM", "t2v/R@1", "v2t/R@10", "t2v/MnR"):     # the reloaded checkpoint reproduces the trainer's metrics
         assert res["metrics"][k] == pytest.approx(summary["test"][k], abs=1e-6)
@@ -128,7 +128,7 @@ def test_published_presets_on_small_folders(tmp_path, name, one_thread):
     reader = getattr(published, f"read_{name}")
     conv = tmp_path / "converted"; conv.mkdir()
     cfg = load_config(f"cret_{name}")
-    assert cfg.data.path == f"data/{name}" and cfg.model_config["train_frames"] == 4
+    assert cfg.data.path == f"data/{name}" and cfg.model_config_obj().train_frames == 4
     assert (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) == ("train", "val", "test")
     for split in ("train", "val", "test"):
         save_data(reader(folder, feats, split, text_features=True), conv / f"{split}.safetensors")
