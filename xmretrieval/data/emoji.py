@@ -232,8 +232,6 @@ class EmojiBenchConfig(Config):
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS: raise ConfigError(f"`protocol` must be one of {PROTOCOLS}, got {self.protocol!r}")
-
-    def __post_init__(self):
         for k in ("n_train", "n_val", "n_test", "captions_per_item", "min_objects", "frames", "min_events"): self.check_range(k, ge=1)
         self.check_range("image_size", ge=32)
         self.check_range("max_objects", ge=self.min_objects); self.check_range("max_events", ge=self.min_events)
