@@ -655,9 +655,9 @@ def _(tmp):
 
 
 # ----------------------------------------------------------------------------------------- config (trainer's)
-@case("config", '`"d_emb": 0` in the model config', ConfigError, r"BiEncoderConfig\.d_emb must be >= 1, got 0")
+@case("config", '`"embed_dim": 0` in the model config', ConfigError, r"BiEncoderConfig\.embed_dim must be >= 1, got 0")
 def _(tmp):
-    TrainConfig.from_dict({"model_config": {"d_emb": 0}}).model_config_obj()
+    TrainConfig.from_dict({"model_config": {"embed_dim": 0}}).model_config_obj()
 
 
 @case("config", '`"max_steps": -5`', ConfigError, r"TrainConfig\.max_steps must be >= 0, got -5")
