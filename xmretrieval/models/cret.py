@@ -59,12 +59,12 @@ def sample_frames(mask: Tensor,                 # valid frames, (B, L) bool
 # %% ../../nbs/12_models.cret.ipynb #1ce56398
 class FrameEncoder(VisualEncoder):
     "`VisualEncoder` over sampled frames, whose position embeddings are indexed by each frame's original position."
-    def encode_frames(self, frames: Tensor,     # sampled frame features, (B, M, d_in)
+    def encode_frames(self, frames: Tensor,     # sampled frame features, (B, M, in_dim)
                       mask: Tensor,             # valid samples, (B, M) bool
                       positions: Tensor,        # original frame index of each sample, (B, M) int64
                      ) -> Tensor:               # frame tokens after projection + temporal transformer, (B, M, d)
         "Project the frames and run the temporal transformer with position embeddings at `positions`."
-        check_tensor(frames, "visual_local", ndim=3, dims={2: self.d_in})
+        check_tensor(frames, "visual_local", ndim=3, dims={2: self.in_dim})
         x = self.proj(frames)
         if self.config.temporal_layers:
             if positions.numel() and int(positions.max()) >= self.config.max_len:
@@ -284,10 +284,10 @@ class Cret(RetrievalModel):
         config = config or CretConfig()
         super().__init__(config)
         c, mlp = config, config.head == "mlp"
-        self.frame_encoder = FrameEncoder(VisualEncoderConfig(d_model=c.dim, temporal_layers=c.temporal_layers, n_heads=c.heads,
-                                                              max_len=c.max_frames, dropout=c.dropout), d_in=c.visual_dim)
+        self.frame_encoder = FrameEncoder(VisualEncoderConfig(proj_dim=c.dim, temporal_layers=c.temporal_layers, n_heads=c.heads,
+                                                              max_len=c.max_frames, dropout=c.dropout), in_dim=c.visual_dim)
         self.frame_head = Head(c.dim, c.dim, mlp, c.dropout)
-        self.text_encoder = TextEncoder(c.text, d_features=c.text_dim)
+        self.text_encoder = TextEncoder(c.text, in_dim=c.text_dim)
         d_text = self.text_encoder.out_dim
         self.text_tokens = nn.Linear(d_text, c.dim)
         self.text_head = Head(d_text, c.dim, mlp, c.dropout)
