@@ -43,15 +43,15 @@ def gallery_data(n: int):
     return torch.rand(n, 49, 1280, generator=g), None, caps, "synthetic, shape of the emoji-scenes test split"
 
 
-def model(kind: str, d_visual: int):
+def model(kind: str, visual_dim: int):
     from xmretrieval.models.rerank import RerankConfig, RerankModel
     from xmretrieval.train import load_config
     torch.manual_seed(0)
     if kind == "tiny":
         mc = load_config("rerank_tiny").model_config
-        cfg = RerankConfig.from_dict({**mc, "d_visual": d_visual})
+        cfg = RerankConfig.from_dict({**mc, "visual_dim": visual_dim})
     else:
-        cfg = RerankConfig(path="minilm", pretrained=True, d_visual=d_visual)
+        cfg = RerankConfig(path="minilm", pretrained=True, visual_dim=visual_dim)
     return RerankModel(cfg).eval()
 
 

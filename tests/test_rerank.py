@@ -29,15 +29,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def tiny(d_visual=1280, **kw):
+def tiny(visual_dim=1280, **kw):
     torch.manual_seed(0)
-    return RerankModel(RerankConfig(pretrained=False, bert=TINY_BERT, d_visual=d_visual, **kw)).eval()
+    return RerankModel(RerankConfig(pretrained=False, bert=TINY_BERT, visual_dim=visual_dim, **kw)).eval()
 
 
 def cross_inputs(model, captions, n_regions):
     "The CE sequence of (caption, item) pairs: token ids, and the transformer's mask, token types and positions."
     ids, mask = model.tokenize(captions)
-    vis = torch.zeros(len(captions), n_regions, model.config.d_visual)
+    vis = torch.zeros(len(captions), n_regions, model.config.visual_dim)
     inp = model.sequence_inputs(model.cross_parts(ids, mask, vis))
     return {"input_ids": ids.tolist(), "attention_mask": inp["attention_mask"].tolist(),
             "token_type_ids": inp["token_type_ids"].tolist(), "position_ids": inp["position_ids"].tolist()}
@@ -45,7 +45,7 @@ def cross_inputs(model, captions, n_regions):
 
 def test_cross_encoder_inputs_match_the_golden_fixture():
     fix = json.loads(FIX.read_text())
-    m = tiny(d_visual=8, max_text_len=fix["max_text_len"])
+    m = tiny(visual_dim=8, max_text_len=fix["max_text_len"])
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         got = cross_inputs(m, fix["captions"], fix["n_regions"])
@@ -59,7 +59,7 @@ def test_cross_encoder_inputs_match_the_golden_fixture():
 
 
 def test_joint_model_has_one_parameter_set():
-    m = tiny(d_visual=8)
+    m = tiny(visual_dim=8)
     names = [n for n, _ in m.named_parameters()]
     assert sum(n.startswith("transformer.") for n in names) == len(list(m.transformer.parameters()))
     assert {n.split(".")[0] for n in names} == {"transformer", "visual_proj", "ce_head"}
@@ -116,7 +116,7 @@ def test_any_first_stage_through_the_gallery(preset, one_thread):
         t, v = first.embed(data)
     gallery = Gallery(first.index_embeddings(v), data.visual_ids)
     q = first.index_embeddings(t[:6])
-    m = tiny(d_visual=data.visual_local.shape[-1])
+    m = tiny(visual_dim=data.visual_local.shape[-1])
     rr = CrossEncoderReranker(m, data.visual_local, data.visual_mask)
     caps = list(data.captions[:6])
     top = gallery.search(q, k=10).indices
@@ -159,7 +159,7 @@ def test_tiny_preset_cross_encoder_separates_positives_from_negatives(tmp_path, 
 
 
 def test_bad_input_gives_clear_errors():
-    m = tiny(d_visual=8, max_text_len=6)
+    m = tiny(visual_dim=8, max_text_len=6)
     feats = torch.randn(5, 3, 8)
     rr = CrossEncoderReranker(m, feats)
     with torch.no_grad():
@@ -174,7 +174,7 @@ def test_bad_input_gives_clear_errors():
     for k in (0, -1):
         with pytest.raises(ConfigError, match="`k` must be a positive int"):
             retrieve_and_rerank(gal, q, ["a dog"], rr, k=k)
-    with pytest.raises(ShapeError, match="`items` has visual features of width 12 .* built for width d_visual=8"):
+    with pytest.raises(ShapeError, match="`items` has visual features of width 12 .* built for width visual_dim=8"):
         CrossEncoderReranker(m, torch.randn(5, 3, 12))
     with pytest.raises(DataError, match=r"`candidates\[1\]` is empty"):
         rr.score(["a dog", "a cat"], [[0, 1], []])
@@ -227,7 +227,7 @@ def test_precomp_presets_on_small_precomp_folders(tmp_path, one_thread, name, sp
     cfg = load_config(name)
     assert (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) == splits
     tr, s = _tiny_run(cfg, conv)
-    assert s["steps"] == 2 and tr.model.config.d_visual == 16 and 0 <= s["test"]["RSUM"] <= 600
+    assert s["steps"] == 2 and tr.model.config.visual_dim == 16 and 0 <= s["test"]["RSUM"] <= 600
 
 
 @pytest.mark.parametrize("name", ["rerank_karpathy_coco", "rerank_karpathy_f30k"])
@@ -241,4 +241,4 @@ def test_karpathy_presets_on_a_small_karpathy_file(tmp_path, one_thread, name):
     cfg = load_config(name)
     assert (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) == ("train", "val", "test")
     tr, s = _tiny_run(cfg, conv)
-    assert s["steps"] == 2 and tr.model.config.d_visual == 16 and 0 <= s["test"]["RSUM"] <= 600
+    assert s["steps"] == 2 and tr.model.config.visual_dim == 16 and 0 <= s["test"]["RSUM"] <= 600

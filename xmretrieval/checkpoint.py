@@ -22,8 +22,8 @@ from .core import (CheckpointError, Config, ConfigError, DataError, atomic_path,
 from .models.base import RetrievalModel, build_model, get_model_class
 
 # %% auto #0
-__all__ = ['PRESETS_DIR', 'CHECKPOINT_FORMAT', 'OptimConfig', 'DataConfig', 'TrainConfig', 'load_config', 'load_split',
-           'evaluate', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint']
+__all__ = ['PRESETS_DIR', 'CHECKPOINT_FORMAT', 'OptimConfig', 'DataConfig', 'TrainConfig', 'load_config', 'reproduction_config',
+           'load_split', 'evaluate', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint']
 
 # %% ../nbs/07a_checkpoint.ipynb #e6292366
 @dataclasses.dataclass
@@ -123,6 +123,26 @@ def load_config(name_or_path: str | os.PathLike,  # a preset name (xmretrieval/p
             d = _merged(d, json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text()))
         cfg = TrainConfig.from_dict(d)
     return cfg.replace(**changes) if changes else cfg
+
+# %% ../nbs/07a_checkpoint.ipynb #rc0code01
+def reproduction_config(mode: str,                 # "quick" (the `tiny` preset on `benchmark`) or "full" (`presets[benchmark]`)
+                        benchmark: str,            # a key of `presets`
+                        presets: dict[str, str],   # benchmark -> the preset of its full run
+                        tiny: str,                 # the preset of quick runs (its data switched to `benchmark`)
+                        quick: dict | None = None, # TrainConfig changes of quick runs only, e.g. dict(epochs=10)
+                        **model_changes,           # changes to the model config, checked by the model's config class
+                       ) -> TrainConfig:
+    "The TrainConfig of one run of a reproduction: the benchmark's preset (or the tiny one in quick mode) with `model_changes`."
+    if benchmark not in presets: raise ConfigError(f"`benchmark` must be one of {list(presets)}, got {benchmark!r}")
+    if mode == "quick":
+        cfg = load_config(tiny)
+        cfg = cfg.replace(data=cfg.data.replace(benchmark=benchmark), **(quick or {}))
+    elif mode == "full": cfg = load_config(presets[benchmark])
+    else: raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
+    if not model_changes: return cfg
+    model_config = {**cfg.model_config, **model_changes}
+    get_model_class(cfg.model).config_class.from_dict(model_config)      # validate early
+    return cfg.replace(model_config=model_config)
 
 # %% ../nbs/07a_checkpoint.ipynb #25553122
 def load_split(data: DataConfig, split: str):

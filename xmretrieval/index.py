@@ -15,6 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch import Tensor
 
 from .core import (CheckpointError, Config, ConfigError, ShapeError, atomic_path, check_mask, check_tensor,
@@ -84,7 +85,7 @@ def _as_f32(x: Tensor, name: str, dim: int | None, normalized: bool) -> np.ndarr
     check_tensor(x, name, ndim=2, finite=not normalized)   # unit vectors: one pass over the norms checks both
     if dim is not None and x.shape[1] != dim:
         raise ShapeError(f"`{name}` has dimension {x.shape[1]} (shape {tuple(x.shape)}) but the index holds {dim}-d vectors")
-    if normalized: check_unit_vectors(x, name)
+    if normalized: check_unit_norm(x, name)
     return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
 
 def _check_k(k, n: int, what: str = "the index") -> int:
@@ -198,32 +199,6 @@ class EmbeddingIndex:
         scores, ids = torch.from_numpy(scores), torch.from_numpy(ids)
         return _like_input(as_numpy, scores.masked_fill_(ids < 0, -math.inf), ids)
 
-    def _header(self) -> dict:
-        return {"format": "xmretrieval-index", "version": _FORMAT_VERSION, "kind": "embedding", "dim": self.dim,
-                "ntotal": self.ntotal, "config": self.config.to_dict()}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        "Write the index, its config and dimension to one file, atomically."
-        if self._index is None: raise ShapeError("cannot save an IVF index that was never trained or filled")
-        return _write(path, self._header(), {"faiss": faiss.serialize_index(self._index)})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike,
-             dim: int | None = None,              # expected dimension (None: any)
-             config: IndexConfig | None = None,   # expected config: structural keys must match; nprobe/ef_search are applied
-            ) -> EmbeddingIndex:
-        "Read an index written by `save`; raise `CheckpointError` if its dimension or config differ from the expected ones."
-        header, arrays = _read(path, "embedding")
-        if dim is not None and header["dim"] != dim:
-            raise CheckpointError(f"index {str(path)!r} holds {header['dim']}-d vectors, expected {dim}-d")
-        cfg = _check_saved_config(path, header["config"], config)
-        self = cls(header["dim"], IndexConfig.from_dict(cfg))
-        self._index = faiss.deserialize_index(arrays["faiss"])
-        if self._index.d != header["dim"] or self._index.ntotal != header["ntotal"]:
-            raise CheckpointError(f"index {str(path)!r} is inconsistent with its header (d={self._index.d}, "
-                                  f"ntotal={self._index.ntotal} vs {header['dim']}, {header['ntotal']})")
-        return self
-
 # %% ../nbs/03_vector_index.ipynb #e4748e9c
 def recall_at_k(found: Tensor,  # (nq, k) positions returned by an approximate search
                 exact: Tensor,  # (nq, k) positions of the exact search
@@ -232,6 +207,35 @@ def recall_at_k(found: Tensor,  # (nq, k) positions returned by an approximate s
     if found.shape != exact.shape: raise ShapeError(f"`found` {tuple(found.shape)} and `exact` {tuple(exact.shape)} differ")
     hits = (found[:, :, None] == exact[:, None, :]).any(1) & (exact >= 0)
     return float(hits.float().mean())
+
+# %% ../nbs/03_vector_index.ipynb #s4c03001
+@patch
+def _header(self: EmbeddingIndex) -> dict:
+    return {"format": "xmretrieval-index", "version": _FORMAT_VERSION, "kind": "embedding", "dim": self.dim,
+            "ntotal": self.ntotal, "config": self.config.to_dict()}
+
+@patch
+def save(self: EmbeddingIndex, path: str | os.PathLike) -> Path:
+    "Write the index, its config and dimension to one file, atomically."
+    if self._index is None: raise ShapeError("cannot save an IVF index that was never trained or filled")
+    return _write(path, self._header(), {"faiss": faiss.serialize_index(self._index)})
+
+@patch(cls_method=True)
+def load(cls: EmbeddingIndex, path: str | os.PathLike,
+         dim: int | None = None,              # expected dimension (None: any)
+         config: IndexConfig | None = None,   # expected config: structural keys must match; nprobe/ef_search are applied
+        ) -> EmbeddingIndex:
+    "Read an index written by `save`; raise `CheckpointError` if its dimension or config differ from the expected ones."
+    header, arrays = _read(path, "embedding")
+    if dim is not None and header["dim"] != dim:
+        raise CheckpointError(f"index {str(path)!r} holds {header['dim']}-d vectors, expected {dim}-d")
+    cfg = _check_saved_config(path, header["config"], config)
+    self = cls(header["dim"], IndexConfig.from_dict(cfg))
+    self._index = faiss.deserialize_index(arrays["faiss"])
+    if self._index.d != header["dim"] or self._index.ntotal != header["ntotal"]:
+        raise CheckpointError(f"index {str(path)!r} is inconsistent with its header (d={self._index.d}, "
+                              f"ntotal={self._index.ntotal} vs {header['dim']}, {header['ntotal']})")
+    return self
 
 # %% ../nbs/03_vector_index.ipynb #91cc9807
 class SetEmbeddingIndex:
@@ -406,91 +410,95 @@ class Gallery:
     def __len__(self) -> int: return len(self.index)
     def __repr__(self) -> str: return f"Gallery({len(self)} items, {self.index!r})"
 
-    def search(self, query_embeddings: Tensor,   # (nq, d) or (nq, kq, d), as the gallery
-               k: int = 10,                      # results per query
-               query_mask: Tensor | None = None, # (nq, kq) bool, set galleries only
-               rerank=None,                      # a Reranker (xmretrieval.models.rerank) holding this gallery's raw items
-               k_rerank: int = 20,               # first-stage candidates the reranker scores per query (K >= k)
-               queries=None,                     # the raw queries for the reranker (captions, or visual features)
-               rerank_mode: str = "replace",     # "replace", "linear" or "rank" (see the Reranker's `rerank`)
-               fusion_weight: float = 0.5,       # f of rerank_mode="linear"
-              ) -> SearchResult:
-        """The k best gallery items for every query (numpy queries give numpy `indices` and `scores`, as faiss does).
-        With `rerank`, the k_rerank best are rescored by the reranker and the k best of the new order returned."""
-        kind = type(query_embeddings).__module__.split(".")[0] + "." + type(query_embeddings).__name__
-        (query_embeddings, as_numpy), (query_mask, _) = _from_numpy(query_embeddings), _from_numpy(query_mask)
-        if not isinstance(query_embeddings, Tensor):
-            raise ShapeError(f"`query_embeddings` must be a torch.Tensor or numpy array of floats, got {kind}")
-        if not query_embeddings.is_floating_point():
-            raise ShapeError(f"`query_embeddings` must hold floating-point vectors, got a {kind} of dtype {query_embeddings.dtype}")
-        if query_embeddings.ndim != (3 if self.is_set else 2):
-            raise ShapeError(f"this gallery holds {'sets (m, K, d)' if self.is_set else 'vectors (m, d)'}: "
-                             f"`query_embeddings` must be {'(nq, kq, d)' if self.is_set else '(nq, d)'}, got "
-                             f"{tuple(getattr(query_embeddings, 'shape', ()))}")
-        k_first = k
-        if rerank is not None:
-            if isinstance(k_rerank, bool) or not isinstance(k_rerank, (int, np.integer)) or k_rerank < 1:
-                raise ConfigError(f"`k_rerank` must be a positive int, got {k_rerank!r}")
-            if k_rerank > len(self): raise ShapeError(f"`k_rerank`={k_rerank} is larger than the gallery ({len(self)} items)")
-            k_first = int(k_rerank)
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= k_first:
-                raise ConfigError(f"`k` must be a positive int <= `k_rerank`={k_first} when reranking, got {k!r}")
-            if queries is None: raise ShapeError("`queries` (the raw queries the reranker reads) is required with `rerank`")
-            if getattr(rerank, "n_items", None) != len(self):
-                raise ShapeError(f"the reranker holds {getattr(rerank, 'n_items', None)} items but the gallery {len(self)}: "
-                                 "both must hold the same items in the same order")
-        if hasattr(self.index, "metadata"):              # Milvus: ids come back with the results
-            r = self.index.search(query_embeddings, k_first, query_mask)
-            if rerank is None: return SearchResult(*_like_input(as_numpy, r.indices, r.scores), r.ids)
-            scores, pos = r.scores, r.indices
-        elif self.is_set: scores, pos = self.index.search(query_embeddings, k_first, query_mask)
-        else:
-            if query_mask is not None: raise ShapeError("`query_mask` applies to set galleries only")
-            scores, pos = self.index.search(query_embeddings, k_first)
-        if rerank is not None:
-            pos, scores = rerank.rerank(pos, scores, queries, rerank_mode, fusion_weight)
-            pos, scores = pos[:, :k].contiguous(), scores[:, :k].contiguous()
-        ids = [[self.ids[j] if j >= 0 else None for j in row] for row in pos.tolist()]
-        return SearchResult(*_like_input(as_numpy, pos, scores), ids)
+# %% ../nbs/03_vector_index.ipynb #s4c03011
+@patch
+def search(self: Gallery, query_embeddings: Tensor,   # (nq, d) or (nq, kq, d), as the gallery
+           k: int = 10,                      # results per query
+           query_mask: Tensor | None = None, # (nq, kq) bool, set galleries only
+           rerank=None,                      # a Reranker (xmretrieval.models.rerank) holding this gallery's raw items
+           k_rerank: int = 20,               # first-stage candidates the reranker scores per query (K >= k)
+           queries=None,                     # the raw queries for the reranker (captions, or visual features)
+           rerank_mode: str = "replace",     # "replace", "linear" or "rank" (see the Reranker's `rerank`)
+           fusion_weight: float = 0.5,       # f of rerank_mode="linear"
+          ) -> SearchResult:
+    """The k best gallery items for every query (numpy queries give numpy `indices` and `scores`, as faiss does).
+    With `rerank`, the k_rerank best are rescored by the reranker and the k best of the new order returned."""
+    kind = type(query_embeddings).__module__.split(".")[0] + "." + type(query_embeddings).__name__
+    (query_embeddings, as_numpy), (query_mask, _) = _from_numpy(query_embeddings), _from_numpy(query_mask)
+    if not isinstance(query_embeddings, Tensor):
+        raise ShapeError(f"`query_embeddings` must be a torch.Tensor or numpy array of floats, got {kind}")
+    if not query_embeddings.is_floating_point():
+        raise ShapeError(f"`query_embeddings` must hold floating-point vectors, got a {kind} of dtype {query_embeddings.dtype}")
+    if query_embeddings.ndim != (3 if self.is_set else 2):
+        raise ShapeError(f"this gallery holds {'sets (m, K, d)' if self.is_set else 'vectors (m, d)'}: "
+                         f"`query_embeddings` must be {'(nq, kq, d)' if self.is_set else '(nq, d)'}, got "
+                         f"{tuple(getattr(query_embeddings, 'shape', ()))}")
+    k_first = k
+    if rerank is not None:
+        if isinstance(k_rerank, bool) or not isinstance(k_rerank, (int, np.integer)) or k_rerank < 1:
+            raise ConfigError(f"`k_rerank` must be a positive int, got {k_rerank!r}")
+        if k_rerank > len(self): raise ShapeError(f"`k_rerank`={k_rerank} is larger than the gallery ({len(self)} items)")
+        k_first = int(k_rerank)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= k_first:
+            raise ConfigError(f"`k` must be a positive int <= `k_rerank`={k_first} when reranking, got {k!r}")
+        if queries is None: raise ShapeError("`queries` (the raw queries the reranker reads) is required with `rerank`")
+        if getattr(rerank, "n_items", None) != len(self):
+            raise ShapeError(f"the reranker holds {getattr(rerank, 'n_items', None)} items but the gallery {len(self)}: "
+                             "both must hold the same items in the same order")
+    if hasattr(self.index, "metadata"):              # Milvus: ids come back with the results
+        r = self.index.search(query_embeddings, k_first, query_mask)
+        if rerank is None: return SearchResult(*_like_input(as_numpy, r.indices, r.scores), r.ids)
+        scores, pos = r.scores, r.indices
+    elif self.is_set: scores, pos = self.index.search(query_embeddings, k_first, query_mask)
+    else:
+        if query_mask is not None: raise ShapeError("`query_mask` applies to set galleries only")
+        scores, pos = self.index.search(query_embeddings, k_first)
+    if rerank is not None:
+        pos, scores = rerank.rerank(pos, scores, queries, rerank_mode, fusion_weight)
+        pos, scores = pos[:, :k].contiguous(), scores[:, :k].contiguous()
+    ids = [[self.ids[j] if j >= 0 else None for j in row] for row in pos.tolist()]
+    return SearchResult(*_like_input(as_numpy, pos, scores), ids)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        "Write the index and, beside it (`<path>.ids.json`), the ids. A Milvus gallery lives in Milvus: the file records where."
-        path = Path(path)
-        if hasattr(self.index, "metadata"):
-            _write(path, {"format": "xmretrieval-index", "version": _FORMAT_VERSION, "kind": "milvus",
-                          "dim": self.index.dim, "config": self.index.config.to_dict()}, {})
-        else: self.index.save(path)
-        with atomic_path(Path(f"{path}.ids.json")) as tmp: tmp.write_text(json.dumps(self.ids))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, dim: int | None = None,
-             config: IndexConfig | SetIndexConfig | None = None) -> Gallery:
-        "Read a gallery written by `save` (same checks as the index `load`; a Milvus gallery is opened where it lives)."
-        path = Path(path)
-        kind = _peek_kind(path)
-        header, _ = _read(path, kind)
-        self = cls.__new__(cls)
-        CertifiedConfig, CertifiedIndex, MilvusConfig, MilvusGallery = _backend_classes()
-        if kind == "milvus":
-            idp = Path(f"{path}.ids.json")              # the ids live in Milvus; the copy beside the file binds it for `xmr search`
-            self.index, self.ids = MilvusGallery(MilvusConfig.from_dict(header["config"])), (json.loads(idp.read_text()) if idp.exists() else None)
-            if dim is not None and self.index.dim != dim:
-                raise CheckpointError(f"Milvus gallery {str(path)!r} holds {self.index.dim}-d vectors, expected {dim}-d")
-            return self
-        index = {"set": SetEmbeddingIndex, "certified": CertifiedIndex}.get(kind, EmbeddingIndex).load(
-            path, dim, *([] if kind == "certified" else [config]))
-        idp = Path(f"{path}.ids.json")
-        if not idp.exists(): raise CheckpointError(f"gallery ids {str(idp)!r} are missing")
-        try: ids = json.loads(idp.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e: raise CheckpointError(f"gallery ids {str(idp)!r} are unreadable: {e}") from e
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise CheckpointError(f"gallery ids {str(idp)!r} must be a JSON list of strings")
-        self.index, self.ids = index, ids
-        if len(self.ids) != len(index): raise CheckpointError(f"{str(idp)!r} has {len(self.ids)} ids for {len(index)} items")
-        return self
-
+# %% ../nbs/03_vector_index.ipynb #s4c03003
 def _peek_kind(path: Path) -> str:
     try: return json.loads(bytes(np.load(path, allow_pickle=False)["header"]).decode())["kind"]
     except FileNotFoundError as e: raise CheckpointError(f"index file {str(path)!r} does not exist") from e
     except Exception as e: raise CheckpointError(f"{str(path)!r} is not an xmretrieval index file: {e}") from e
+
+@patch
+def save(self: Gallery, path: str | os.PathLike) -> Path:
+    "Write the index and, beside it (`<path>.ids.json`), the ids. A Milvus gallery lives in Milvus: the file records where."
+    path = Path(path)
+    if hasattr(self.index, "metadata"):
+        _write(path, {"format": "xmretrieval-index", "version": _FORMAT_VERSION, "kind": "milvus",
+                      "dim": self.index.dim, "config": self.index.config.to_dict()}, {})
+    else: self.index.save(path)
+    with atomic_path(Path(f"{path}.ids.json")) as tmp: tmp.write_text(json.dumps(self.ids))
+    return path
+
+@patch(cls_method=True)
+def load(cls: Gallery, path: str | os.PathLike, dim: int | None = None,
+         config: IndexConfig | SetIndexConfig | None = None) -> Gallery:
+    "Read a gallery written by `save` (same checks as the index `load`; a Milvus gallery is opened where it lives)."
+    path = Path(path)
+    kind = _peek_kind(path)
+    header, _ = _read(path, kind)
+    self = cls.__new__(cls)
+    CertifiedConfig, CertifiedIndex, MilvusConfig, MilvusGallery = _backend_classes()
+    if kind == "milvus":
+        idp = Path(f"{path}.ids.json")              # the ids live in Milvus; the copy beside the file binds it for `xmr search`
+        self.index, self.ids = MilvusGallery(MilvusConfig.from_dict(header["config"])), (json.loads(idp.read_text()) if idp.exists() else None)
+        if dim is not None and self.index.dim != dim:
+            raise CheckpointError(f"Milvus gallery {str(path)!r} holds {self.index.dim}-d vectors, expected {dim}-d")
+        return self
+    index = {"set": SetEmbeddingIndex, "certified": CertifiedIndex}.get(kind, EmbeddingIndex).load(
+        path, dim, *([] if kind == "certified" else [config]))
+    idp = Path(f"{path}.ids.json")
+    if not idp.exists(): raise CheckpointError(f"gallery ids {str(idp)!r} are missing")
+    try: ids = json.loads(idp.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e: raise CheckpointError(f"gallery ids {str(idp)!r} are unreadable: {e}") from e
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise CheckpointError(f"gallery ids {str(idp)!r} must be a JSON list of strings")
+    self.index, self.ids = index, ids
+    if len(self.ids) != len(index): raise CheckpointError(f"{str(idp)!r} has {len(self.ids)} ids for {len(index)} items")
+    return self

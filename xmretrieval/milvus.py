@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .core import Config, ConfigError, ShapeError, XMRError, check_tensor
+from .core import Config, ConfigError, ShapeError, XMRError, check_tensor, check_unit_norm
 from .index import SearchResult, _check_k
-from .similarity import SET_SIMILARITIES, candidate_set_similarity, check_unit_vectors
+from .similarity import SET_SIMILARITIES, candidate_set_similarity
 
 # %% auto #0
 __all__ = ['INDEX_TYPES', 'MilvusError', 'MilvusConfig', 'MilvusGallery']
@@ -144,7 +144,7 @@ class MilvusGallery:
                 check_tensor(mask, "mask", ndim=2, dims={0: m, 1: x.shape[1]})
                 if mask.dtype != torch.bool or not bool(mask.any(1).all()):
                     raise ShapeError("`mask` must be bool with at least one valid element per set")
-        check_unit_vectors(x, "embeddings", valid)
+        check_unit_norm(x, "embeddings", valid)
         K, d = x.shape[1], x.shape[2]
         client = _connect(c)
         try:
@@ -216,7 +216,7 @@ class MilvusGallery:
         q = q.detach().float().cpu()
         if not self.is_set:
             if query_mask is not None: raise ShapeError("`query_mask` applies to set galleries only")
-            check_unit_vectors(q, "query_embeddings")
+            check_unit_norm(q, "query_embeddings")
             hits = self._search(np.ascontiguousarray(q.numpy()), k, ["item_id"])
             pos = torch.full((len(q), k), -1, dtype=torch.long); scores = torch.full((len(q), k), -math.inf)
             ids = [[None] * k for _ in range(len(q))]
@@ -233,7 +233,7 @@ class MilvusGallery:
             check_tensor(query_mask, "query_mask", ndim=2, dims={0: nq, 1: kq})
             if query_mask.dtype != torch.bool or not bool(query_mask.any(1).all()):
                 raise ShapeError("`query_mask` must be bool with at least one valid element per set")
-        check_unit_vectors(q, "query_embeddings", valid)
+        check_unit_norm(q, "query_embeddings", valid)
         c = self.config
         qi, qs = valid.nonzero(as_tuple=True)
         hits = self._search(np.ascontiguousarray(q[qi, qs].numpy()), min(c.element_k, 16384), ["item"])

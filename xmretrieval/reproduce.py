@@ -22,7 +22,8 @@ from .metrics import markdown_table
 from .registry import Registry
 
 # %% auto #0
-__all__ = ['REPRODUCTIONS', 'MODES', 'register_reproduction', 'build_benchmarks', 'update_readme', 'reproduce', 'main']
+__all__ = ['REPRODUCTIONS', 'MODES', 'register_reproduction', 'mode_seeds', 'save_figure', 'build_benchmarks', 'update_readme',
+           'reproduce', 'main']
 
 # %% ../nbs/90_reproduce.ipynb #2d6e3b96
 REPRODUCTIONS = Registry("reproduction", package="xmretrieval.repro")
@@ -35,6 +36,21 @@ def register_reproduction(name: str,       # the name in `--only` and of the tab
     return REPRODUCTIONS.register(name, order=order)
 
 MODES = ("quick", "full")
+
+def mode_seeds(mode: str,                      # one of MODES
+               seeds: list[int] | None = None, # the seeds asked for; None: the mode's default
+               quick: tuple = (0, 1),          # default seeds of quick runs
+               full: tuple = (0, 1, 2),        # default seeds of full runs
+              ) -> list[int]:
+    "Check a runner's `mode`; return its seeds (the given ones, else the mode's default)."
+    if mode not in MODES: raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
+    return list(seeds or (quick if mode == "quick" else full))
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
+    "Write a matplotlib figure as PNG through `atomic_path` and close it."
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
 
 # %% ../nbs/90_reproduce.ipynb #6abf1d7f
 def build_benchmarks(mode: str = "full",                  # "full" builds the full presets, "quick" the tiny ones

@@ -37,7 +37,7 @@ def cosine(x: Tensor,  # queries, (n, d)
 _SHIFT_FREE_MAX_ALPHA = 40.0   # exp(alpha * s) for |s| <= 1 stays a normal fp32 number well beyond this
 _DEFAULT_BLOCK = 2 ** 23       # entries of the (n, kx, c, ky) block when chunk_size is None (32 MiB in fp32)
 
-check_unit_vectors = check_unit_norm   # the name this module's callers use; defined in `xmretrieval.core`
+check_unit_vectors = check_unit_norm   # deprecated alias: use `xmretrieval.core.check_unit_norm`; kept until `index.SetEmbeddingIndex` (edited on another branch) stops importing it
 
 def _check_sets(x, y, x_mask, y_mask, check: bool):
     "Validate a pair of set batches; return the masks (None when absent or all-valid is not worth checking)."
@@ -49,7 +49,7 @@ def _check_sets(x, y, x_mask, y_mask, check: bool):
         raise ShapeError(f"sets must have at least one element: `x` {tuple(x.shape)}, `y` {tuple(y.shape)}")
     if x.dtype != y.dtype: raise ShapeError(f"`x` ({x.dtype}) and `y` ({y.dtype}) must have the same dtype")
     x_mask = check_mask(x_mask, "x_mask", x.shape[:2]); y_mask = check_mask(y_mask, "y_mask", y.shape[:2])
-    check_unit_vectors(x, "x", x_mask); check_unit_vectors(y, "y", y_mask)
+    check_unit_norm(x, "x", x_mask); check_unit_norm(y, "y", y_mask)
     return x_mask, y_mask
 
 def _mm_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from fastcore.basics import patch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -214,124 +215,130 @@ class Trainer:
         with fork_rng(cfg.seed):
             return self._fit(device, rank, world, stop_after_epochs)
 
-    def _fit(self, device, rank, world, stop_after_epochs):
-        cfg, is_main = self.config, rank == 0
-        train, val = self._split("train"), self._split("val")
-        model = get_model_class(cfg.model)(cfg.model_config_obj(train)).to(device)
-        self.model = model
-        opt = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                weight_decay=cfg.optim.weight_decay)
-        n_batches = len(epoch_batches(train.text_to_visual, train.n_visual, 0, cfg.seed, cfg.batch_size,
-                                      max(1, cfg.captions_per_item), cfg.drop_last or world > 1))
-        if n_batches == 0:
-            raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} is larger than the {train.n_visual} training items "
-                              "(drop_last leaves no batch)")
-        total = cfg.epochs * n_batches if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * n_batches)
-        warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_frac * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, total, warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio))
-        state = {"epoch": 0, "step": 0, "best_rsum": -1.0, "best_epoch": -1, "history": []}
-        if self.resume: state = self._resume(model, opt, sched)
-        ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
-        last_good = self._ckpt("last.safetensors") if self.resume else None
-        epochs_run, keys = 0, model.batch_keys()
-        while state["epoch"] < cfg.epochs and (not cfg.max_steps or state["step"] < cfg.max_steps):
-            epoch, t0, losses, pairs = state["epoch"], time.perf_counter(), [], 0
-            batches = epoch_batches(train.text_to_visual, train.n_visual, epoch, cfg.seed, cfg.batch_size,
-                                    cfg.captions_per_item, cfg.drop_last or world > 1)
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and is_main), leave=False)
-            model.train()
-            for v_idx, t_idx in bar:
-                if cfg.max_steps and state["step"] >= cfg.max_steps: break
-                v_idx, t_idx = shard_batch(v_idx, t_idx, train.text_to_visual, rank, world)
-                batch = batch_to(make_batch(train, v_idx, t_idx, keys), device)
-                with autocast(): out = ddp(batch)
-                loss = out["loss"]
-                if not bool(torch.isfinite(loss.detach())):
-                    raise TrainingError(f"loss is {float(loss.detach())} at step {state['step'] + 1} (epoch {epoch + 1}); last good "
-                                        f"checkpoint: {str(last_good) if last_good else 'none (no epoch finished)'}; "
-                                        "nothing was saved after it")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.grad_clip: nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                opt.step(); sched.step()
-                state["step"] += 1
-                losses.append(float(loss.detach())); pairs += len(t_idx) * world
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", pairs_s=f"{pairs / (time.perf_counter() - t0):.0f}")
-            train_time = time.perf_counter() - t0
-            state["epoch"] += 1; epochs_run += 1
-            row = {"epoch": state["epoch"], "step": state["step"], "train_loss": sum(losses) / max(1, len(losses)),
-                   "lr": opt.param_groups[0]["lr"], "train_time_s": train_time, "pairs_per_s": pairs / max(train_time, 1e-9)}
-            last_epoch = state["epoch"] == cfg.epochs or (cfg.max_steps and state["step"] >= cfg.max_steps)
-            bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
-            if bad:
-                raise TrainingError(f"training diverged: parameters {bad[:3]} hold NaN or inf after step {state['step']} "
+# %% ../nbs/08_train.ipynb #s4c08006
+@patch
+def _finish(self: Trainer, model, state, device) -> dict:
+    cfg = self.config
+    best = self._ckpt("best.safetensors")
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if best is not None and best.exists() and main:
+        if state.get("best_sha256") != file_digest(best):   # another process replaced it: never report its metrics
+            raise CheckpointError(f"{str(best)!r} is not the file this run wrote (it was replaced or written by another "
+                                  "run); its metrics are not reported")
+        _load_weights(model, read_checkpoint(best)[0], best)
+    elif best is not None and best.exists(): _load_weights(model, read_checkpoint(best)[0], best)
+    test = self._split("test")
+    val_rows = [r for r in state["history"] if r["epoch"] == state["best_epoch"]]
+    summary = {"model": cfg.model, "seed": cfg.seed, "best_epoch": state["best_epoch"], "steps": state["step"],
+               "val": {k[4:]: v for k, v in val_rows[0].items() if k.startswith("val/")} if val_rows else {},
+               "test": evaluate(model, test, cfg.eval_batch_size) if test is not None else {},
+               "pairs_per_s": sum(r["pairs_per_s"] for r in state["history"]) / max(1, len(state["history"])),
+               "train_time_s": sum(r["train_time_s"] for r in state["history"]),
+               "peak_memory_mb": peak_memory_mb(device), "xmr_version": xmretrieval.__version__,
+               "config": cfg.to_dict()}
+    self.summary, self.history = summary, state["history"]
+    if self.out_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        _write_json(summary, self.out_dir / "metrics.json")
+    return summary
+
+# %% ../nbs/08_train.ipynb #s4c08002
+@patch
+def _fit(self: Trainer, device, rank, world, stop_after_epochs):
+    cfg, is_main = self.config, rank == 0
+    train, val = self._split("train"), self._split("val")
+    model = get_model_class(cfg.model)(cfg.model_config_obj(train)).to(device)
+    self.model = model
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay)
+    n_batches = len(epoch_batches(train.text_to_visual, train.n_visual, 0, cfg.seed, cfg.batch_size,
+                                  max(1, cfg.captions_per_item), cfg.drop_last or world > 1))
+    if n_batches == 0:
+        raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} is larger than the {train.n_visual} training items "
+                          "(drop_last leaves no batch)")
+    total = cfg.epochs * n_batches if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * n_batches)
+    warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_frac * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio))
+    state = {"epoch": 0, "step": 0, "best_rsum": -1.0, "best_epoch": -1, "history": []}
+    if self.resume: state = self._resume(model, opt, sched)
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
+    last_good = self._ckpt("last.safetensors") if self.resume else None
+    epochs_run, keys = 0, model.batch_keys()
+    while state["epoch"] < cfg.epochs and (not cfg.max_steps or state["step"] < cfg.max_steps):
+        epoch, t0, losses, pairs = state["epoch"], time.perf_counter(), [], 0
+        batches = epoch_batches(train.text_to_visual, train.n_visual, epoch, cfg.seed, cfg.batch_size,
+                                cfg.captions_per_item, cfg.drop_last or world > 1)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and is_main), leave=False)
+        model.train()
+        for v_idx, t_idx in bar:
+            if cfg.max_steps and state["step"] >= cfg.max_steps: break
+            v_idx, t_idx = shard_batch(v_idx, t_idx, train.text_to_visual, rank, world)
+            batch = batch_to(make_batch(train, v_idx, t_idx, keys), device)
+            with autocast(): out = ddp(batch)
+            loss = out["loss"]
+            if not bool(torch.isfinite(loss.detach())):
+                raise TrainingError(f"loss is {float(loss.detach())} at step {state['step'] + 1} (epoch {epoch + 1}); last good "
+                                    f"checkpoint: {str(last_good) if last_good else 'none (no epoch finished)'}; "
+                                    "nothing was saved after it")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip: nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step(); sched.step()
+            state["step"] += 1
+            losses.append(float(loss.detach())); pairs += len(t_idx) * world
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", pairs_s=f"{pairs / (time.perf_counter() - t0):.0f}")
+        train_time = time.perf_counter() - t0
+        state["epoch"] += 1; epochs_run += 1
+        row = {"epoch": state["epoch"], "step": state["step"], "train_loss": sum(losses) / max(1, len(losses)),
+               "lr": opt.param_groups[0]["lr"], "train_time_s": train_time, "pairs_per_s": pairs / max(train_time, 1e-9)}
+        last_epoch = state["epoch"] == cfg.epochs or (cfg.max_steps and state["step"] >= cfg.max_steps)
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise TrainingError(f"training diverged: parameters {bad[:3]} hold NaN or inf after step {state['step']} "
+                                f"(epoch {state['epoch']}); last good checkpoint: "
+                                f"{str(last_good) if last_good else 'none (no epoch finished)'}; nothing was saved after it")
+        if val is not None and (state["epoch"] % cfg.eval_every == 0 or last_epoch):
+            t1 = time.perf_counter()
+            try: m = evaluate(model, val, cfg.eval_batch_size)
+            except ShapeError as e:   # NaN/inf scores: the weights overflowed (a diverged run), not bad input
+                if "NaN" not in str(e): raise
+                raise TrainingError(f"training diverged: the model's scores on val hold NaN or inf after step {state['step']} "
                                     f"(epoch {state['epoch']}); last good checkpoint: "
-                                    f"{str(last_good) if last_good else 'none (no epoch finished)'}; nothing was saved after it")
-            if val is not None and (state["epoch"] % cfg.eval_every == 0 or last_epoch):
-                t1 = time.perf_counter()
-                try: m = evaluate(model, val, cfg.eval_batch_size)
-                except ShapeError as e:   # NaN/inf scores: the weights overflowed (a diverged run), not bad input
-                    if "NaN" not in str(e): raise
-                    raise TrainingError(f"training diverged: the model's scores on val hold NaN or inf after step {state['step']} "
-                                        f"(epoch {state['epoch']}); last good checkpoint: "
-                                        f"{str(last_good) if last_good else 'none (no epoch finished)'}; nothing was saved after it") from e
-                row.update({"val_time_s": time.perf_counter() - t1, **{f"val/{k}": v for k, v in m.items()}})
-                if m["RSUM"] > state["best_rsum"]:
-                    state["best_rsum"], state["best_epoch"] = float(m["RSUM"]), state["epoch"]
-                    if is_main and self.out_dir is not None:   # its digest: `_finish` reports only the file this run wrote
-                        state["best_sha256"] = file_digest(save_checkpoint(self._ckpt("best.safetensors"), model, cfg, state))
-            state["history"].append(row)
-            if is_main and self.out_dir is not None:
-                last_good = save_checkpoint(self._ckpt("last.safetensors"), model, cfg, state, opt)
-                cfg.save(self.out_dir / "config.json")
-                _write_table(state["history"], self.out_dir / "history.csv")
-                _write_json(state["history"], self.out_dir / "history.json")
-            if world > 1: dist.barrier()
-            if stop_after_epochs is not None and epochs_run >= stop_after_epochs and not last_epoch:
-                return {"interrupted": True, "state": state}
-        return self._finish(model, state, device)
+                                    f"{str(last_good) if last_good else 'none (no epoch finished)'}; nothing was saved after it") from e
+            row.update({"val_time_s": time.perf_counter() - t1, **{f"val/{k}": v for k, v in m.items()}})
+            if m["RSUM"] > state["best_rsum"]:
+                state["best_rsum"], state["best_epoch"] = float(m["RSUM"]), state["epoch"]
+                if is_main and self.out_dir is not None:   # its digest: `_finish` reports only the file this run wrote
+                    state["best_sha256"] = file_digest(save_checkpoint(self._ckpt("best.safetensors"), model, cfg, state))
+        state["history"].append(row)
+        if is_main and self.out_dir is not None:
+            last_good = save_checkpoint(self._ckpt("last.safetensors"), model, cfg, state, opt)
+            cfg.save(self.out_dir / "config.json")
+            _write_table(state["history"], self.out_dir / "history.csv")
+            _write_json(state["history"], self.out_dir / "history.json")
+        if world > 1: dist.barrier()
+        if stop_after_epochs is not None and epochs_run >= stop_after_epochs and not last_epoch:
+            return {"interrupted": True, "state": state}
+    return self._finish(model, state, device)
 
-    def _resume(self, model, opt, sched) -> dict:
-        path = self._ckpt("last.safetensors")
-        tensors, meta = read_checkpoint(path)
-        if meta["model_name"] != self.config.model:
-            raise CheckpointError(f"cannot resume: {str(path)!r} holds a {meta['model_name']!r} model, the config asks for {self.config.model!r}")
-        diff = _config_diff(_canonical(json.loads(meta["train_config"])), _canonical(self.config.to_dict()))
-        if diff: raise CheckpointError(f"cannot resume {str(path)!r} with a different config: {'; '.join(diff)}")
-        _load_weights(model, tensors, path)
-        _load_optimizer(opt, tensors, meta)
-        state = json.loads(meta["state"])
-        sched.last_epoch = state["step"]
-        for g, f in zip(opt.param_groups, sched.lr_lambdas * len(opt.param_groups)):
-            g["lr"] = g["initial_lr"] * f(state["step"])
-        torch.set_rng_state(tensors["rng.torch"])
-        return state
-
-    def _finish(self, model, state, device) -> dict:
-        cfg = self.config
-        best = self._ckpt("best.safetensors")
-        main = not dist.is_initialized() or dist.get_rank() == 0
-        if best is not None and best.exists() and main:
-            if state.get("best_sha256") != file_digest(best):   # another process replaced it: never report its metrics
-                raise CheckpointError(f"{str(best)!r} is not the file this run wrote (it was replaced or written by another "
-                                      "run); its metrics are not reported")
-            _load_weights(model, read_checkpoint(best)[0], best)
-        elif best is not None and best.exists(): _load_weights(model, read_checkpoint(best)[0], best)
-        test = self._split("test")
-        val_rows = [r for r in state["history"] if r["epoch"] == state["best_epoch"]]
-        summary = {"model": cfg.model, "seed": cfg.seed, "best_epoch": state["best_epoch"], "steps": state["step"],
-                   "val": {k[4:]: v for k, v in val_rows[0].items() if k.startswith("val/")} if val_rows else {},
-                   "test": evaluate(model, test, cfg.eval_batch_size) if test is not None else {},
-                   "pairs_per_s": sum(r["pairs_per_s"] for r in state["history"]) / max(1, len(state["history"])),
-                   "train_time_s": sum(r["train_time_s"] for r in state["history"]),
-                   "peak_memory_mb": peak_memory_mb(device), "xmr_version": xmretrieval.__version__,
-                   "config": cfg.to_dict()}
-        self.summary, self.history = summary, state["history"]
-        if self.out_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-            _write_json(summary, self.out_dir / "metrics.json")
-        return summary
+# %% ../nbs/08_train.ipynb #s4c08004
+@patch
+def _resume(self: Trainer, model, opt, sched) -> dict:
+    path = self._ckpt("last.safetensors")
+    tensors, meta = read_checkpoint(path)
+    if meta["model_name"] != self.config.model:
+        raise CheckpointError(f"cannot resume: {str(path)!r} holds a {meta['model_name']!r} model, the config asks for {self.config.model!r}")
+    diff = _config_diff(_canonical(json.loads(meta["train_config"])), _canonical(self.config.to_dict()))
+    if diff: raise CheckpointError(f"cannot resume {str(path)!r} with a different config: {'; '.join(diff)}")
+    _load_weights(model, tensors, path)
+    _load_optimizer(opt, tensors, meta)
+    state = json.loads(meta["state"])
+    sched.last_epoch = state["step"]
+    for g, f in zip(opt.param_groups, sched.lr_lambdas * len(opt.param_groups)):
+        g["lr"] = g["initial_lr"] * f(state["step"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return state
 
 # %% ../nbs/08_train.ipynb #b683ffa4
 def train_seeds(config: TrainConfig,

@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -261,7 +262,8 @@ class RetrievalModel(nn.Module):
 
     @classmethod
     def config_for_data(cls, config: Config, data) -> Config:
-        "Fill the data-dependent fields of `config` (feature widths, ...) from a `RetrievalData`; default: unchanged."
+        "Fill the data-dependent fields of `config` (feature widths, ...) from a `RetrievalData`; default: a `visual_dim` of 0 becomes the data's visual feature width."
+        if getattr(config, "visual_dim", None) == 0: return config.replace(visual_dim=int(data.visual_local.shape[-1]))
         return config
 
     def batch_keys(self) -> set[str] | None:
@@ -276,56 +278,64 @@ class RetrievalModel(nn.Module):
         "Embeddings of the visual items of `batch` (or of a list of images / clips): (B_v, d) or a set (B_v, K, d)."
         raise NotImplementedError
 
-    def similarity(self, text_emb: Tensor, visual_emb: Tensor) -> Tensor:
-        "Similarity matrix (n_t, n_v) of two embedding blocks; default: dot product of (unit) vectors."
-        if text_emb.ndim != 2 or visual_emb.ndim != 2:
-            raise ShapeError(f"{type(self).__name__}.similarity expects (n, d) embeddings, got text "
-                             f"{tuple(text_emb.shape)} and visual {tuple(visual_emb.shape)}; set models must override it")
-        if text_emb.shape[-1] != visual_emb.shape[-1]:
-            raise ShapeError(f"text and visual embeddings differ in width: {tuple(text_emb.shape)} vs {tuple(visual_emb.shape)}")
-        return text_emb @ visual_emb.T
-
-    @torch.no_grad()
-    def score(self, text_emb: Tensor,         # (n_t, ...) text embeddings
-              visual_emb: Tensor,             # (n_v, ...) visual embeddings
-              chunk_size: int = 1024,         # text rows per chunk
-             ) -> Tensor:
-        "The (n_t, n_v) similarity matrix computed in chunks of `chunk_size` text rows (no gradient)."
-        if chunk_size < 1: raise ConfigError(f"`chunk_size` must be >= 1, got {chunk_size}")
-        out = [self.similarity(text_emb[i:i + chunk_size], visual_emb).float()
-               for i in range(0, text_emb.shape[0], chunk_size)]
-        return torch.cat(out) if out else text_emb.new_zeros(0, visual_emb.shape[0])
-
-    def index_embeddings(self, emb: Tensor) -> Tensor:
-        "Embeddings in the form that `xmretrieval.index.Gallery` indexes and searches (`xmr index`/`search`); default: as encoded."
-        return emb
-
     def compute_loss(self, text_emb: Tensor, visual_emb: Tensor, text_to_visual: Tensor) -> dict:
         "A dict with a scalar `loss` (plus scalars to log) from a batch of embeddings."
         raise NotImplementedError
 
-    def forward(self, batch: dict) -> dict:
-        "Encode both halves of `batch`, gather them across DDP processes, return `compute_loss`'s dict."
-        t, v = self.encode_text(batch), self.encode_visual(batch)
-        t2v = batch["text_to_visual"].to(t.device)
-        if self.gather: t, v, t2v = gather_embeddings(t, v, t2v)
-        return self.compute_loss(t, v, t2v)
+# %% ../../nbs/07_models.base.ipynb #s4c00002
+@patch
+def similarity(self: RetrievalModel, text_emb: Tensor, visual_emb: Tensor) -> Tensor:
+    "Similarity matrix (n_t, n_v) of two embedding blocks; default: dot product of (unit) vectors."
+    if text_emb.ndim != 2 or visual_emb.ndim != 2:
+        raise ShapeError(f"{type(self).__name__}.similarity expects (n, d) embeddings, got text "
+                         f"{tuple(text_emb.shape)} and visual {tuple(visual_emb.shape)}; set models must override it")
+    if text_emb.shape[-1] != visual_emb.shape[-1]:
+        raise ShapeError(f"text and visual embeddings differ in width: {tuple(text_emb.shape)} vs {tuple(visual_emb.shape)}")
+    return text_emb @ visual_emb.T
 
-    @torch.no_grad()
-    def embed(self, data,                  # a RetrievalData split
-              batch_size: int = 256,       # items / captions per forward pass
-              device: torch.device | str | None = None,  # defaults to the model's device
-             ) -> tuple[Tensor, Tensor]:
-        "Embed every caption and every visual item of `data` in eval mode: (text_emb, visual_emb) on the CPU."
-        device = device or next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        try:
-            keys = self.batch_keys()
-            t = [self.encode_text(batch_to(text_batch(data, range(i, min(i + batch_size, data.n_text)), keys), device)).float().cpu()
-                 for i in range(0, data.n_text, batch_size)]
-            v = [self.encode_visual(batch_to(visual_batch(data, range(i, min(i + batch_size, data.n_visual)), keys), device)).float().cpu()
-                 for i in range(0, data.n_visual, batch_size)]
-        finally:
-            self.train(was_training)
-        return torch.cat(t), torch.cat(v)
+@patch
+@torch.no_grad()
+def score(self: RetrievalModel, text_emb: Tensor,         # (n_t, ...) text embeddings
+          visual_emb: Tensor,             # (n_v, ...) visual embeddings
+          chunk_size: int = 1024,         # text rows per chunk
+         ) -> Tensor:
+    "The (n_t, n_v) similarity matrix computed in chunks of `chunk_size` text rows (no gradient)."
+    if chunk_size < 1: raise ConfigError(f"`chunk_size` must be >= 1, got {chunk_size}")
+    out = [self.similarity(text_emb[i:i + chunk_size], visual_emb).float()
+           for i in range(0, text_emb.shape[0], chunk_size)]
+    return torch.cat(out) if out else text_emb.new_zeros(0, visual_emb.shape[0])
+
+@patch
+def index_embeddings(self: RetrievalModel, emb: Tensor) -> Tensor:
+    "Embeddings in the form that `xmretrieval.index.Gallery` indexes and searches (`xmr index`/`search`); default: as encoded."
+    return emb
+
+# %% ../../nbs/07_models.base.ipynb #s4c00005
+@patch
+def forward(self: RetrievalModel, batch: dict) -> dict:
+    "Encode both halves of `batch`, gather them across DDP processes, return `compute_loss`'s dict."
+    t, v = self.encode_text(batch), self.encode_visual(batch)
+    t2v = batch["text_to_visual"].to(t.device)
+    if self.gather: t, v, t2v = gather_embeddings(t, v, t2v)
+    return self.compute_loss(t, v, t2v)
+
+# %% ../../nbs/07_models.base.ipynb #s4c00008
+@patch
+@torch.no_grad()
+def embed(self: RetrievalModel, data,                  # a RetrievalData split
+          batch_size: int = 256,       # items / captions per forward pass
+          device: torch.device | str | None = None,  # defaults to the model's device
+         ) -> tuple[Tensor, Tensor]:
+    "Embed every caption and every visual item of `data` in eval mode: (text_emb, visual_emb) on the CPU."
+    device = device or next(self.parameters()).device
+    was_training = self.training
+    self.eval()
+    try:
+        keys = self.batch_keys()
+        t = [self.encode_text(batch_to(text_batch(data, range(i, min(i + batch_size, data.n_text)), keys), device)).float().cpu()
+             for i in range(0, data.n_text, batch_size)]
+        v = [self.encode_visual(batch_to(visual_batch(data, range(i, min(i + batch_size, data.n_visual)), keys), device)).float().cpu()
+             for i in range(0, data.n_visual, batch_size)]
+    finally:
+        self.train(was_training)
+    return torch.cat(t), torch.cat(v)

@@ -64,13 +64,12 @@ class BiEncoder(RetrievalModel):
 
     @classmethod
     def config_for_data(cls, config: BiEncoderConfig, data) -> BiEncoderConfig:
-        changes = {}
-        if not config.visual_dim: changes["visual_dim"] = int(data.visual_local.shape[-1])
-        if not config.text_dim and config.text.kind == "features":
-            feats = data.text_global if data.text_global is not None else data.text_local
-            if feats is None: raise DataError(f"{data.name}/{data.split} has no precomputed text features; use text.kind='hf'")
-            changes["text_dim"] = int(feats.shape[-1])
-        return config.replace(**changes) if changes else config
+        "As `RetrievalModel.config_for_data` (`visual_dim`), and `text_dim` from the precomputed text features."
+        config = super().config_for_data(config, data)
+        if config.text_dim or config.text.kind != "features": return config
+        feats = data.text_global if data.text_global is not None else data.text_local
+        if feats is None: raise DataError(f"{data.name}/{data.split} has no precomputed text features; use text.kind='hf'")
+        return config.replace(text_dim=int(feats.shape[-1]))
 
     def __init__(self, config: BiEncoderConfig):
         super().__init__(config)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fastcore.basics import patch
 
 from ..core import ConfigError, Config, DataError, ShapeError, check_tensor
-from ..encoders import masked_mean, resolve_text_path
+from ..encoders import masked_mean, renamed_keys, resolve_text_path
 from ..losses import TripletLoss
 from .base import RetrievalModel, register_model
 
@@ -31,7 +31,7 @@ class RerankConfig(Config):
     path: str = "minilm"          # 'minilm' (the packaged all-MiniLM-L6-v2) or a local BERT-family folder
     pretrained: bool = True       # load the weights; False = random init sized by `bert` (tests, from scratch)
     bert: dict = dataclasses.field(default_factory=dict)  # BertConfig fields: the size when pretrained=False, overrides otherwise
-    d_visual: int = 0             # width of the visual features (0: read from the data)
+    visual_dim: int = 0           # width of the visual features (0: read from the data)
     max_text_len: int = 32        # tokens per caption incl. [CLS]/[SEP]; longer captions are truncated (warned)
     use: str = "joint"            # "be", "ce" or "joint": the objectives that train these weights
     tasks: list = dataclasses.field(default_factory=lambda: ["be", "ce"])  # joint: task sequence, one step each
@@ -44,6 +44,11 @@ class RerankConfig(Config):
     eval_score: str = "auto"      # `evaluate` ranks with "be", "ce" (exhaustive) or "coop"; auto: ce if use='ce' else be
     coop_k: int = 20              # K of eval_score="coop"
     ce_batch_size: int = 256      # pairs per cross-encoder pass at inference
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        "As `Config.from_dict`; the earlier name `d_visual` is read as `visual_dim`."
+        return super().from_dict(renamed_keys(d, {"d_visual": "visual_dim"}))
 
     def __post_init__(self):
         if self.use not in ("be", "ce", "joint"): raise ConfigError(f"RerankConfig.use must be 'be', 'ce' or 'joint', got {self.use!r}")
@@ -74,14 +79,10 @@ class RerankModel(RetrievalModel):
     "One BERT-family transformer over word tokens and projected visual features, used as a BE and as a CE."
     config_class = RerankConfig
 
-    @classmethod
-    def config_for_data(cls, config: RerankConfig, data) -> RerankConfig:
-        return config if config.d_visual else config.replace(d_visual=int(data.visual_local.shape[-1]))
-
     def __init__(self, config: RerankConfig):
         super().__init__(config)
-        if not config.d_visual:
-            raise ConfigError("RerankConfig.d_visual is 0: set it, or build through RerankModel.config_for_data(config, data)")
+        if not config.visual_dim:
+            raise ConfigError("RerankConfig.visual_dim is 0: set it, or build through RerankModel.config_for_data(config, data)")
         from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
         path = resolve_text_path(config.path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -98,7 +99,7 @@ class RerankModel(RetrievalModel):
             raise ConfigError(f"RerankConfig.max_text_len={config.max_text_len} exceeds the transformer's "
                               f"max_position_embeddings={tc.max_position_embeddings}")
         h = tc.hidden_size
-        self.visual_proj = nn.Sequential(nn.Linear(config.d_visual, h), nn.LayerNorm(h))
+        self.visual_proj = nn.Sequential(nn.Linear(config.visual_dim, h), nn.LayerNorm(h))
         self.ce_head = nn.Linear(h, 1 if config.ce_loss == "bce" else 2)
         self.be_loss = TripletLoss(config.margin, max_violation=True, reduction=config.reduction)
         self.register_buffer("task_step", torch.zeros((), dtype=torch.long))  # saved: resume continues the sequence
@@ -129,9 +130,9 @@ class RerankModel(RetrievalModel):
 
     def _visual_inputs(self, visual: Tensor, mask: Tensor | None, name: str = "visual") -> tuple[Tensor, Tensor]:
         check_tensor(visual, name, ndim=3)
-        if visual.shape[-1] != self.config.d_visual:
+        if visual.shape[-1] != self.config.visual_dim:
             raise ShapeError(f"`{name}` has visual features of width {visual.shape[-1]} (shape {tuple(visual.shape)}) but "
-                             f"this cross-encoder was built for width d_visual={self.config.d_visual}")
+                             f"this cross-encoder was built for width visual_dim={self.config.visual_dim}")
         if visual.shape[1] > self.transformer.config.max_position_embeddings:
             raise ShapeError(f"`{name}` has {visual.shape[1]} regions, more than the transformer's "
                              f"max_position_embeddings={self.transformer.config.max_position_embeddings}")
@@ -170,7 +171,7 @@ class RerankModel(RetrievalModel):
     # ---- cross-encoder use ----
     def cross_logits(self, ids: Tensor,       # (B, Lt) token ids of the captions (from `tokenize`)
                      text_mask: Tensor,       # (B, Lt) bool
-                     visual: Tensor,          # (B, R, d_visual) features of the paired items
+                     visual: Tensor,          # (B, R, visual_dim) features of the paired items
                      visual_mask: Tensor | None = None,  # (B, R) bool
                     ) -> Tensor:
         "CE logits of aligned (caption, item) pairs: (B, 2) (`ce_loss='ce'`) or (B, 1) (`'bce'`)."

@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import load_config
 from ..core import ConfigError, atomic_path
 from ..metrics import format_mean_std, markdown_table
-from ..reproduce import register_reproduction
+from ..reproduce import mode_seeds, register_reproduction
 from ..train import train_seeds
 
 # %% auto #0
@@ -46,9 +46,8 @@ def run_baseline(mode: str = "quick",                     # "quick" (tiny preset
                  resume: bool = True,                      # reuse finished runs of the same config, resume interrupted ones
                 ) -> dict:
     "Train and evaluate the bi-encoder baselines over several seeds; write JSON + markdown tables to `out_dir`."
-    if mode not in ("quick", "full"): raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
+    seeds = mode_seeds(mode, seeds)
     benchmarks = benchmarks or (["emoji-scenes"] if mode == "quick" else list(BASELINE_BENCHMARKS))
-    seeds = seeds or ([0, 1] if mode == "quick" else [0, 1, 2])
     out_dir = Path(out_dir)
     results, t0 = [], time.perf_counter()
     for bench in benchmarks:

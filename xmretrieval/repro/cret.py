@@ -18,20 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import evaluate, load_checkpoint, load_config, load_split
+from ..checkpoint import evaluate, load_checkpoint, load_config, load_split, reproduction_config
 from ..core import ConfigError, ShapeError, atomic_path, fork_rng, make_generator
 from ..encoders import masked_mean
 from ..metrics import retrieval_metrics
 from ..models.cret import Cret, CretConfig, CretIndex, cret_similarity
-from .dive import chance_metrics
-from ..reproduce import register_reproduction
+from .dive import chance_metrics, embed_first_items, tsne_2d
+from ..reproduce import mode_seeds, register_reproduction, save_figure
 from ..train import train_seeds
 
 # %% auto #0
 __all__ = ['PUBLISHED', 'MAIN_VARIANTS', 'CLAIMS', 'MAIN_KEYS', 'CLAIM_KEYS', 'BENCHMARK_PRESETS', 'cret_config',
            'ablation_variants', 'eval_at_frames', 'beta_sweep', 'paired_differences', 'center_redundancy',
            'mardia_test', 'henze_zirkler_test', 'normality_power', 'gaussian_validation', 'plot_qq', 'retrieval_cost',
-           'plot_tsne', 'plot_center_attention', 'run_cret_reproduction', 'cret_markdown']
+           'plot_tsne', 'plot_center_attention', 'cret_markdown', 'run_cret_reproduction']
 
 # %% ../../nbs/32_repro.cret.ipynb #aa9641a1
 PUBLISHED = {
@@ -60,16 +60,7 @@ def cret_config(mode: str = "full",              # "quick" (cret_tiny, fewer epo
                 **model_changes,                 # CretConfig overrides, e.g. global_loss="mean"
                ):
     "The TrainConfig of one CRET run of the reproduction."
-    if benchmark not in BENCHMARK_PRESETS: raise ConfigError(f"`benchmark` must be one of {list(BENCHMARK_PRESETS)}, got {benchmark!r}")
-    if mode == "quick":
-        cfg = load_config("cret_tiny")
-        cfg = cfg.replace(data=cfg.data.replace(benchmark=benchmark), epochs=10, eval_every=10)
-    elif mode == "full": cfg = load_config(BENCHMARK_PRESETS[benchmark])
-    else: raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
-    if model_changes:
-        CretConfig.from_dict({**cfg.model_config, **model_changes})      # validate early
-        cfg = cfg.replace(model_config={**cfg.model_config, **model_changes})
-    return cfg
+    return reproduction_config(mode, benchmark, BENCHMARK_PRESETS, "cret_tiny", dict(epochs=10, eval_every=10), **model_changes)
 
 def ablation_variants(mode: str = "full") -> dict[str, dict]:
     "Name -> CretConfig changes of every ablation run; the default CRET of the main table is the reference of each."
@@ -130,15 +121,19 @@ def center_redundancy(model: Cret, data) -> dict[str, float]:
         return float((c.sum((1, 2)) - K).mean() / (K * (K - 1)))
     return {"video": red(v), "text": red(t)}
 
+def _mahalanobis_gram(x: np.ndarray, test: str) -> tuple[int, int, np.ndarray]:
+    "n, p and the (n, n) Gram matrix of the centred samples under the inverse (biased) sample covariance."
+    x = np.asarray(x, dtype=np.float64)
+    n, p = x.shape
+    if n <= p: raise ShapeError(f"{test} needs more samples than dimensions, got {n} samples in {p} dimensions")
+    xc = x - x.mean(0)
+    return n, p, xc @ np.linalg.pinv(xc.T @ xc / n) @ xc.T
+
 def mardia_test(x: np.ndarray,  # samples, (n, p) with n > p
                ) -> tuple[float, float]:  # p-values of the skewness and the kurtosis test
     "Mardia's multivariate normality tests (skewness with the small-sample correction, kurtosis)."
     from scipy.stats import chi2, norm
-    x = np.asarray(x, dtype=np.float64)
-    n, p = x.shape
-    if n <= p: raise ShapeError(f"Mardia's test needs more samples than dimensions, got {n} samples in {p} dimensions")
-    xc = x - x.mean(0)
-    D = xc @ np.linalg.pinv(xc.T @ xc / n) @ xc.T
+    n, p, D = _mahalanobis_gram(x, "Mardia's test")
     b1, b2 = (D ** 3).sum() / n ** 2, (np.diag(D) ** 2).sum() / n
     k = (p + 1) * (n + 1) * (n + 3) / (n * ((n + 1) * (p + 1) - 6))
     p_skew = float(chi2.sf(n * k * b1 / 6, p * (p + 1) * (p + 2) / 6))
@@ -149,11 +144,7 @@ def henze_zirkler_test(x: np.ndarray,  # samples, (n, p) with n > p
                       ) -> float:       # p-value (log-normal approximation of the statistic)
     "Henze-Zirkler's multivariate normality test."
     from scipy.stats import lognorm
-    x = np.asarray(x, dtype=np.float64)
-    n, p = x.shape
-    if n <= p: raise ShapeError(f"the Henze-Zirkler test needs more samples than dimensions, got {n} samples in {p} dimensions")
-    xc = x - x.mean(0)
-    G = xc @ np.linalg.pinv(xc.T @ xc / n) @ xc.T
+    n, p, G = _mahalanobis_gram(x, "the Henze-Zirkler test")
     Di = np.diag(G)
     Dij = Di[:, None] + Di[None] - 2 * G
     b = 2 ** -0.5 * ((2 * p + 1) / 4) ** (1 / (p + 4)) * n ** (1 / (p + 4))
@@ -271,14 +262,11 @@ def retrieval_cost(dim: int = 256, num_centers: int = 8, heads: int = 4,
 @torch.no_grad()
 def plot_tsne(model: Cret, data, n_clips: int = 12, seed: int = 0):
     "t-SNE of clip (o) and caption (x) embeddings: the global rows, and the rows of every center (colour = center)."
-    from sklearn.manifold import TSNE
-    t, v = model.embed(data)
-    items = list(range(min(n_clips, data.n_visual)))
-    caps = [j for j in range(data.n_text) if int(data.text_to_visual[j]) in items]
+    t, v, items, caps = embed_first_items(model, data, n_clips)
     K = v.shape[1] - 1
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     X = torch.cat([v[items, 0], t[caps, 0]]).numpy()
-    Y = TSNE(2, perplexity=min(30.0, (len(X) - 1) / 3), init="pca", random_state=seed).fit_transform(X)
+    Y = tsne_2d(X, seed)
     cmap = plt.get_cmap("tab20")
     for n, i in enumerate(items):
         axes[0].scatter(*Y[n], color=cmap(n % 20), marker="o", s=60, edgecolor="k", linewidth=0.5)
@@ -286,7 +274,7 @@ def plot_tsne(model: Cret, data, n_clips: int = 12, seed: int = 0):
         axes[0].scatter(*Y[len(items) + m], color=cmap(items.index(int(data.text_to_visual[j])) % 20), marker="x", s=18)
     axes[0].set_title("global embeddings: clips (o) and their captions (x), colour = clip", fontsize=8)
     Z = torch.cat([v[items, 1:].reshape(-1, v.shape[-1]), t[caps, 1:].reshape(-1, t.shape[-1])]).numpy()
-    W = TSNE(2, perplexity=min(30.0, (len(Z) - 1) / 3), init="pca", random_state=seed).fit_transform(Z)
+    W = tsne_2d(Z, seed)
     nv = len(items) * K
     cc = plt.get_cmap("tab10")
     axes[1].scatter(*W[:nv].T, c=[cc(k % 10) for _ in items for k in range(K)], marker="o", s=30, edgecolor="k", linewidth=0.3)
@@ -328,89 +316,7 @@ def plot_center_attention(model: Cret, data, items=(0, 1, 2)):
     fig.tight_layout()
     return fig
 
-def _save_fig(fig, path):
-    with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
 # %% ../../nbs/32_repro.cret.ipynb #18b5c552
-@register_reproduction("cret", order=30)
-def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny preset, seconds) or "full" (make reproduce)
-                          out_dir="results",               # writes out_dir/cret.{json,md} and out_dir/cret/...
-                          seeds: list[int] | None = None,  # default [0, 1] (quick) or [0, 1, 2] (full)
-                          benchmark: str = "emoji-video",
-                         ) -> dict:
-    "Train and evaluate the CRET reproduction: main table, paired gains, ablations, Gaussian check, cost, figures."
-    if mode not in ("quick", "full"): raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
-    seeds = list(seeds or ([0, 1] if mode == "quick" else [0, 1, 2]))
-    abl_seeds = seeds if mode == "full" else seeds[:1]
-    out_dir = Path(out_dir); root = out_dir / "cret"
-    rel = lambda p: str(Path(p).relative_to(out_dir))
-    t0 = time.perf_counter()
-    # 1. main table: global-only, +CCM, +GEES, full CRET over seeds
-    main = {}
-    for name, changes in MAIN_VARIANTS.items():
-        folder = root / "main" / name.split(" ")[0].replace("+", "plus_").replace("-", "_").lower()
-        r = train_seeds(cret_config(mode, benchmark, **changes), seeds, folder, resume=True)
-        main[name] = {"changes": changes, "mean_std": r["mean_std"], "runs": r["runs"], "config": rel(folder / "config.json"),
-                      "dir": folder, "train_time_s": r["train_time_s"]}
-    full_name = "CRET (GEES + CCM)"
-    claims = paired_differences({k: v["runs"] for k, v in main.items()})
-    test = load_split(cret_config(mode, benchmark).data, "test")
-    # 2. ablations (each against the default CRET of the main table, same seeds)
-    abl = {"default": {"changes": {}, "runs": main[full_name]["runs"][:len(abl_seeds)], "dirs": [main[full_name]["dir"] / f"seed{s}" for s in abl_seeds]}}
-    for name, changes in ablation_variants(mode).items():
-        r = train_seeds(cret_config(mode, benchmark, **changes), abl_seeds, root / "ablation" / name, resume=True)
-        abl[name] = {"changes": changes, "runs": r["runs"], "dirs": [root / "ablation" / name / f"seed{s}" for s in abl_seeds],
-                     "config": rel(root / "ablation" / name / "config.json")}
-    mean_of = lambda runs, k: float(np.mean([r[k] for r in runs]))
-    summarize = lambda names: {n: {k: mean_of(abl[n]["runs"], k) for k in ("t2v/R@1", "t2v/R@10", "v2t/R@1", "RSUM")} for n in names}
-    default_cfg = CretConfig.from_dict(cret_config(mode, benchmark).model_config)
-    losses = summarize(["default", "loss_frames", "loss_mean"] + [n for n in ("gees_seed_variant", "gees_diag") if n in abl])
-    centers = {str(default_cfg.num_centers): summarize(["default"])["default"]}
-    centers.update({n.split("_")[1]: summarize([n])[n] for n in abl if n.startswith("centers_")})
-    decoders = summarize(["default", "separate_decoders"] + (["concat_similarity"] if "concat_similarity" in abl else []))
-    betas = {}
-    for d in abl["default"]["dirs"]:
-        for b, m in beta_sweep(_model(d), test).items(): betas.setdefault(b, []).append(m)
-    betas = {b: {k: float(np.mean([m[k] for m in ms])) for k in ("t2v/R@1", "t2v/R@10", "v2t/R@1", "RSUM")} for b, ms in betas.items()}
-    # frames in training (rows) x frames in testing (columns), GEES vs NCE on the mean
-    T = int(test.visual_local.shape[1])
-    test_grid = sorted({2, 4, T})
-    frame_rows = {}
-    for n in sorted({default_cfg.train_frames} | {int(k.split("_")[2]) for k in abl if k.startswith("train_frames_")}):
-        for loss in ("gees", "mean"):
-            name = ("default" if loss == "gees" else "loss_mean") if n == default_cfg.train_frames else f"train_frames_{n}" + ("_mean" if loss == "mean" else "")
-            if name not in abl: continue
-            cells = {}
-            for tf in test_grid:
-                ms = [eval_at_frames(_model(d), test, 0 if tf == T else tf) for d in abl[name]["dirs"]]
-                cells[str(tf)] = {k: float(np.mean([m[k] for m in ms])) for k in ("t2v/R@1", "t2v/R@10", "RSUM")}
-            frame_rows[f"{n} / {loss}"] = cells
-    # 3.-4. Gaussian check and figures from the first seed's CRET
-    model = _model(main[full_name]["dir"] / f"seed{seeds[0]}")
-    gauss = gaussian_validation(model, test)
-    redundancy = center_redundancy(model, test)
-    _save_fig(plot_qq(gauss), root / "qq.png")
-    _save_fig(plot_tsne(model, test, 12 if mode == "quick" else 20, seed=seeds[0]), root / "tsne.png")
-    _save_fig(plot_center_attention(model, test), root / "attention.png")
-    # 5. retrieval cost at the model's width and K
-    cost = retrieval_cost(dim=model.config.dim, num_centers=model.config.num_centers, heads=model.config.decoder_heads,
-                          n_gallery=500 if mode == "quick" else 5000, frames=T)
-    for v in main.values(): del v["dir"]
-    doc = {"mode": mode, "benchmark": benchmark, "preset": cret_config(mode, benchmark).data.preset, "seeds": seeds,
-           "ablation_seeds": abl_seeds, "split": "test", "main": main, "claims": claims,
-           "chance": chance_metrics(test.text_to_visual, test.n_visual),
-           "ablation": {"global_loss": losses, "centers": centers, "decoders": decoders, "beta": betas, "frames": frame_rows,
-                        "test_frames": test_grid, "configs": {n: r.get("config") for n, r in abl.items()}},
-           "gaussian": {k: v for k, v in gauss.items() if k not in ("qq", "clips")}, "cost": cost,
-           "center_redundancy": redundancy,
-           "figures": {"qq": "cret/qq.png", "tsne": "cret/tsne.png", "attention": "cret/attention.png"},
-           "published": PUBLISHED, "wall_time_s": time.perf_counter() - t0,
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (shared machine: timings vary)"}
-    with atomic_path(out_dir / "cret.json") as tmp: tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    with atomic_path(out_dir / "cret.md") as tmp: tmp.write_text(cret_markdown(doc))
-    return doc
-
 def _fmt(x, digits=1):
     if isinstance(x, (list, tuple)): return f"{x[0]:.{digits}f} ± {x[1]:.{digits}f}"
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x)
@@ -465,3 +371,80 @@ def cret_markdown(doc: dict) -> str:
     md += ["", f"Published numbers: {P['source']}; copied as published. Configs beside every run under `cret/`. "
            f"{doc['machine']}; wall time {doc['wall_time_s']:.0f} s.", ""]
     return "\n".join(md)
+
+@register_reproduction("cret", order=30)
+def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny preset, seconds) or "full" (make reproduce)
+                          out_dir="results",               # writes out_dir/cret.{json,md} and out_dir/cret/...
+                          seeds: list[int] | None = None,  # default [0, 1] (quick) or [0, 1, 2] (full)
+                          benchmark: str = "emoji-video",
+                         ) -> dict:
+    "Train and evaluate the CRET reproduction: main table, paired gains, ablations, Gaussian check, cost, figures."
+    seeds = mode_seeds(mode, seeds)
+    abl_seeds = seeds if mode == "full" else seeds[:1]
+    out_dir = Path(out_dir); root = out_dir / "cret"
+    rel = lambda p: str(Path(p).relative_to(out_dir))
+    t0 = time.perf_counter()
+    # 1. main table: global-only, +CCM, +GEES, full CRET over seeds
+    main = {}
+    for name, changes in MAIN_VARIANTS.items():
+        folder = root / "main" / name.split(" ")[0].replace("+", "plus_").replace("-", "_").lower()
+        r = train_seeds(cret_config(mode, benchmark, **changes), seeds, folder, resume=True)
+        main[name] = {"changes": changes, "mean_std": r["mean_std"], "runs": r["runs"], "config": rel(folder / "config.json"),
+                      "dir": folder, "train_time_s": r["train_time_s"]}
+    full_name = "CRET (GEES + CCM)"
+    claims = paired_differences({k: v["runs"] for k, v in main.items()})
+    test = load_split(cret_config(mode, benchmark).data, "test")
+    # 2. ablations (each against the default CRET of the main table, same seeds)
+    abl = {"default": {"changes": {}, "runs": main[full_name]["runs"][:len(abl_seeds)], "dirs": [main[full_name]["dir"] / f"seed{s}" for s in abl_seeds]}}
+    for name, changes in ablation_variants(mode).items():
+        r = train_seeds(cret_config(mode, benchmark, **changes), abl_seeds, root / "ablation" / name, resume=True)
+        abl[name] = {"changes": changes, "runs": r["runs"], "dirs": [root / "ablation" / name / f"seed{s}" for s in abl_seeds],
+                     "config": rel(root / "ablation" / name / "config.json")}
+    mean_of = lambda runs, k: float(np.mean([r[k] for r in runs]))
+    summarize = lambda names: {n: {k: mean_of(abl[n]["runs"], k) for k in ("t2v/R@1", "t2v/R@10", "v2t/R@1", "RSUM")} for n in names}
+    default_cfg = CretConfig.from_dict(cret_config(mode, benchmark).model_config)
+    losses = summarize(["default", "loss_frames", "loss_mean"] + [n for n in ("gees_seed_variant", "gees_diag") if n in abl])
+    centers = {str(default_cfg.num_centers): summarize(["default"])["default"]}
+    centers.update({n.split("_")[1]: summarize([n])[n] for n in abl if n.startswith("centers_")})
+    decoders = summarize(["default", "separate_decoders"] + (["concat_similarity"] if "concat_similarity" in abl else []))
+    betas = {}
+    for d in abl["default"]["dirs"]:
+        for b, m in beta_sweep(_model(d), test).items(): betas.setdefault(b, []).append(m)
+    betas = {b: {k: float(np.mean([m[k] for m in ms])) for k in ("t2v/R@1", "t2v/R@10", "v2t/R@1", "RSUM")} for b, ms in betas.items()}
+    # frames in training (rows) x frames in testing (columns), GEES vs NCE on the mean
+    T = int(test.visual_local.shape[1])
+    test_grid = sorted({2, 4, T})
+    frame_rows = {}
+    for n in sorted({default_cfg.train_frames} | {int(k.split("_")[2]) for k in abl if k.startswith("train_frames_")}):
+        for loss in ("gees", "mean"):
+            name = ("default" if loss == "gees" else "loss_mean") if n == default_cfg.train_frames else f"train_frames_{n}" + ("_mean" if loss == "mean" else "")
+            if name not in abl: continue
+            cells = {}
+            for tf in test_grid:
+                ms = [eval_at_frames(_model(d), test, 0 if tf == T else tf) for d in abl[name]["dirs"]]
+                cells[str(tf)] = {k: float(np.mean([m[k] for m in ms])) for k in ("t2v/R@1", "t2v/R@10", "RSUM")}
+            frame_rows[f"{n} / {loss}"] = cells
+    # 3.-4. Gaussian check and figures from the first seed's CRET
+    model = _model(main[full_name]["dir"] / f"seed{seeds[0]}")
+    gauss = gaussian_validation(model, test)
+    redundancy = center_redundancy(model, test)
+    save_figure(plot_qq(gauss), root / "qq.png", dpi=110)
+    save_figure(plot_tsne(model, test, 12 if mode == "quick" else 20, seed=seeds[0]), root / "tsne.png", dpi=110)
+    save_figure(plot_center_attention(model, test), root / "attention.png", dpi=110)
+    # 5. retrieval cost at the model's width and K
+    cost = retrieval_cost(dim=model.config.dim, num_centers=model.config.num_centers, heads=model.config.decoder_heads,
+                          n_gallery=500 if mode == "quick" else 5000, frames=T)
+    for v in main.values(): del v["dir"]
+    doc = {"mode": mode, "benchmark": benchmark, "preset": cret_config(mode, benchmark).data.preset, "seeds": seeds,
+           "ablation_seeds": abl_seeds, "split": "test", "main": main, "claims": claims,
+           "chance": chance_metrics(test.text_to_visual, test.n_visual),
+           "ablation": {"global_loss": losses, "centers": centers, "decoders": decoders, "beta": betas, "frames": frame_rows,
+                        "test_frames": test_grid, "configs": {n: r.get("config") for n, r in abl.items()}},
+           "gaussian": {k: v for k, v in gauss.items() if k not in ("qq", "clips")}, "cost": cost,
+           "center_redundancy": redundancy,
+           "figures": {"qq": "cret/qq.png", "tsne": "cret/tsne.png", "attention": "cret/attention.png"},
+           "published": PUBLISHED, "wall_time_s": time.perf_counter() - t0,
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (shared machine: timings vary)"}
+    with atomic_path(out_dir / "cret.json") as tmp: tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    with atomic_path(out_dir / "cret.md") as tmp: tmp.write_text(cret_markdown(doc))
+    return doc

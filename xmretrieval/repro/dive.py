@@ -18,20 +18,20 @@ import torch
 from torch import Tensor
 from sklearn.manifold import TSNE
 
-from ..checkpoint import evaluate, load_checkpoint, load_config, load_split
+from ..checkpoint import evaluate, load_checkpoint, load_config, load_split, reproduction_config
 from ..core import ConfigError, ShapeError, atomic_path
 from ..data.emoji import render_item
 from ..metrics import markdown_table, retrieval_metrics
 from ..models.base import visual_batch
 from ..models.dive import DivE, DiveConfig, set_log_variance
 from .baseline import baseline_config
-from ..reproduce import register_reproduction
+from ..reproduce import mode_seeds, register_reproduction, save_figure
 from ..train import train_seeds
 
 # %% auto #0
 __all__ = ['SIMILARITY_LABELS', 'ARCH_LABELS', 'METRIC_KEYS', 'PUBLISHED', 'dive_config', 'ablation_variants', 'chance_metrics',
-           'set_statistics', 'nearest_captions', 'plot_set_tsne', 'plot_slot_attention', 'run_dive_reproduction',
-           'dive_tables', 'dive_markdown']
+           'set_statistics', 'nearest_captions', 'embed_first_items', 'tsne_2d', 'plot_set_tsne', 'plot_slot_attention',
+           'run_dive_reproduction', 'dive_tables', 'dive_markdown']
 
 # %% ../../nbs/31_repro.dive.ipynb #808c35a0
 SIMILARITY_LABELS = {"max_sim": "MIL (max)", "mp": "MP", "chamfer": "Chamfer", "smooth_chamfer": "Smooth-Chamfer"}
@@ -60,16 +60,7 @@ def dive_config(mode: str = "full",                  # "quick" (preset dive_tiny
                ):
     "The TrainConfig of one DivE run of the reproduction."
     presets = {"emoji-scenes": "dive_emoji_scenes", "emoji-objects": "dive_emoji_objects"}
-    if benchmark not in presets: raise ConfigError(f"`benchmark` must be one of {list(presets)}, got {benchmark!r}")
-    if mode == "quick":
-        cfg = load_config("dive_tiny")
-        cfg = cfg.replace(data=cfg.data.replace(benchmark=benchmark))
-    elif mode == "full": cfg = load_config(presets[benchmark])
-    else: raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
-    if model_changes:
-        DiveConfig.from_dict({**cfg.model_config, **model_changes})     # validate early
-        cfg = cfg.replace(model_config={**cfg.model_config, **model_changes})
-    return cfg
+    return reproduction_config(mode, benchmark, presets, "dive_tiny", **model_changes)
 
 # %% ../../nbs/31_repro.dive.ipynb #e0b9f215
 def ablation_variants(mode: str = "full") -> dict[str, dict]:
@@ -127,14 +118,22 @@ def nearest_captions(model: DivE, data, items: list[int]) -> list[dict]:
 
 # %% ../../nbs/31_repro.dive.ipynb #2a263f5b
 @torch.no_grad()
-def plot_set_tsne(model: DivE, data, n_items: int = 10, seed: int = 0):
-    "t-SNE of the visual set elements of `n_items` test items and the set elements of their captions."
+def embed_first_items(model, data, n_items: int) -> tuple[Tensor, Tensor, list[int], list[int]]:
+    "Caption and item embeddings of a split, the first `n_items` item positions and the positions of their captions."
     t, v = model.embed(data)
     items = list(range(min(n_items, data.n_visual)))
-    caps = [j for j in range(data.n_text) if int(data.text_to_visual[j]) in items]
+    return t, v, items, [j for j in range(data.n_text) if int(data.text_to_visual[j]) in items]
+
+def tsne_2d(X: np.ndarray, seed: int = 0) -> np.ndarray:
+    "2-d t-SNE of the rows of X (PCA init; perplexity 30, or a third of the rows when fewer)."
+    return TSNE(2, perplexity=min(30.0, (len(X) - 1) / 3), init="pca", random_state=seed).fit_transform(X)
+
+@torch.no_grad()
+def plot_set_tsne(model: DivE, data, n_items: int = 10, seed: int = 0):
+    "t-SNE of the visual set elements of `n_items` test items and the set elements of their captions."
+    t, v, items, caps = embed_first_items(model, data, n_items)
     K, D = v.shape[1], v.shape[2]
-    X = torch.cat([v[items].reshape(-1, D), t[caps].reshape(-1, D)]).numpy()
-    Y = TSNE(2, perplexity=min(30.0, (len(X) - 1) / 3), init="pca", random_state=seed).fit_transform(X)
+    Y = tsne_2d(torch.cat([v[items].reshape(-1, D), t[caps].reshape(-1, D)]).numpy(), seed)
     nv = len(items) * K
     fig, ax = plt.subplots(figsize=(6.5, 5))
     cmap = plt.get_cmap("tab20")
@@ -172,12 +171,6 @@ def plot_slot_attention(model: DivE, data, items: list[int], images: list):
     fig.tight_layout()
     return fig
 
-# %% ../../nbs/31_repro.dive.ipynb #e803e178
-def _save_fig(fig, path):
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
 # %% ../../nbs/31_repro.dive.ipynb #ca1a3400
 @register_reproduction("dive", order=20)
 def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny preset, seconds) or "full" (make reproduce)
@@ -187,8 +180,7 @@ def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny pres
                           n_figure_items: int | None = None,  # images in the t-SNE (default 8 quick, 16 full)
                          ) -> dict:
     "Train and evaluate the DivE reproduction (main table, ablations, figures); return the summary dict."
-    if mode not in ("quick", "full"): raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
-    seeds = list(seeds or ([0, 1] if mode == "quick" else [0, 1, 2]))
+    seeds = mode_seeds(mode, seeds)
     out_dir = Path(out_dir); root = out_dir / "dive"; s0 = seeds[0]
     rel = lambda p: str(Path(p).relative_to(out_dir))
     t0 = time.perf_counter()
@@ -218,11 +210,11 @@ def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny pres
     model = _run_dir_model(runs["default"]["dir"])
     fit = evaluate(model, load_split(dcfg.data, "train"))     # how well the training pairs are ranked
     n_fig = n_figure_items or (8 if mode == "quick" else 16)
-    _save_fig(plot_set_tsne(model, test, n_fig, seed=s0), root / "tsne.png")
+    save_figure(plot_set_tsne(model, test, n_fig, seed=s0), root / "tsne.png")
     near = nearest_captions(model, test, [0, 1, 2])
     att_items = [0, 1, 2, 3]
     imgs = [render_item(dcfg.data.benchmark, dcfg.data.preset, "test", i) for i in att_items]
-    _save_fig(plot_slot_attention(model, test, att_items, imgs), root / "attention.png")
+    save_figure(plot_slot_attention(model, test, att_items, imgs), root / "attention.png")
     doc = {"mode": mode, "benchmark": benchmark, "preset": dcfg.data.preset, "seeds": seeds, "split": "test",
            "main": main, "similarity": similarity, "alpha": {f"{a:g}": m for a, m in sorted(alpha_runs.items())},
            "architecture": architecture, "nearest_captions": near,

@@ -17,7 +17,7 @@ from ..checkpoint import load_checkpoint, load_config, load_split
 from ..core import ConfigError, atomic_path
 from ..metrics import aggregate_seeds, format_mean_std, markdown_table, retrieval_metrics
 from ..models.rerank import ce_score_matrix, coop_metrics
-from ..reproduce import register_reproduction
+from ..reproduce import mode_seeds, register_reproduction
 from ..train import train_seeds
 
 # %% auto #0
@@ -66,9 +66,8 @@ def run_rerank(mode: str = "quick",                    # "quick" (tiny preset, a
                resume: bool = True,
               ) -> dict:
     "Train BE, CE and Joint per benchmark and seed; evaluate BE, CE-only, Sep/Joint Coop and the K sweep; write tables."
-    if mode not in ("quick", "full"): raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
+    seeds = mode_seeds(mode, seeds, quick=(0,))
     benchmarks = benchmarks or (["emoji-scenes"] if mode == "quick" else list(RERANK_PRESETS))
-    seeds = seeds or ([0] if mode == "quick" else [0, 1, 2])
     ks = ks or [1, 5, 10, 20, 50, 100, 200]
     out_dir, t0, results = Path(out_dir), time.perf_counter(), []
     for bench in benchmarks:
