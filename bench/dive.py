@@ -198,7 +198,9 @@ def main():
         torch.set_num_threads(2)
         n_test = 100 if a.quick else 1000
         enc = time_encoding(ms, n_test, reps)
-        result["encoding"] = {f"emoji-scenes test ({n_test} scenes, {5 * n_test} captions)": enc}
+        key = f"emoji-scenes test ({n_test} scenes, {5 * n_test} captions)"
+        result["encoding"] = {key: enc}
+        result["encoding_s"] = {key: enc["seconds"]["fp32"], key + ", bf16 autocast": enc["seconds"]["bf16"]}
         print(json.dumps(enc), flush=True)
         sizes = [("emoji-scenes test, D=256", 1000, 5000, 256), ("COCO 1K fold, D=1024", 1000, 5000, 1024)]
         if a.quick: sizes = [("small, D=256", 100, 500, 256)]
