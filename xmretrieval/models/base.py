@@ -21,9 +21,9 @@ from ..encoders import masked_mean
 from ..registry import Registry
 
 # %% auto #0
-__all__ = ['FEATURE_KEYS', 'MODELS', 'visual_batch', 'text_batch', 'make_batch', 'batch_to', 'captions_batch', 'visuals_batch',
-           'accept_raw_inputs', 'gather_embeddings', 'register_model', 'get_model_class', 'build_model',
-           'RetrievalModel']
+__all__ = ['FEATURE_KEYS', 'MODELS', 'PRECISIONS', 'visual_batch', 'text_batch', 'make_batch', 'batch_to', 'captions_batch',
+           'visuals_batch', 'accept_raw_inputs', 'gather_embeddings', 'register_model', 'get_model_class',
+           'build_model', 'RetrievalModel']
 
 # %% ../../nbs/07_models.base.ipynb #9f8ad885
 def _index(x: Tensor | None, idx: Tensor) -> Tensor | None:
@@ -240,6 +240,8 @@ def build_model(name: str,                 # a registered model name
     return cls(config)
 
 # %% ../../nbs/07_models.base.ipynb #0fde21e6
+PRECISIONS = ("fp32", "bf16")   # inference precisions of `RetrievalModel.embed` (no fp16: this CPU has no fast fp16 path)
+
 class RetrievalModel(nn.Module):
     "Base class of retrieval models: `encode_text`, `encode_visual`, `similarity`/`score`, `compute_loss`, `forward`."
     model_name: str = "base"
@@ -323,19 +325,23 @@ def forward(self: RetrievalModel, batch: dict) -> dict:
 @patch
 @torch.no_grad()
 def embed(self: RetrievalModel, data,                  # a RetrievalData split
-          batch_size: int = 256,       # items / captions per forward pass
+          batch_size: int = 1024,      # items / captions per forward pass
           device: torch.device | str | None = None,  # defaults to the model's device
+          precision: str = "fp32",     # "fp32" or "bf16" (bf16 autocast: matmuls in bf16, outputs in fp32)
          ) -> tuple[Tensor, Tensor]:
-    "Embed every caption and every visual item of `data` in eval mode: (text_emb, visual_emb) on the CPU."
-    device = device or next(self.parameters()).device
+    "Embed every caption and every visual item of `data` in eval mode: (text_emb, visual_emb) float32 on the CPU."
+    if precision not in PRECISIONS: raise ConfigError(f"`precision` must be one of {PRECISIONS}, got {precision!r}")
+    if batch_size < 1: raise ConfigError(f"`batch_size` must be >= 1, got {batch_size}")
+    device = torch.device(device or next(self.parameters()).device)
     was_training = self.training
     self.eval()
     try:
         keys = self.batch_keys()
-        t = [self.encode_text(batch_to(text_batch(data, range(i, min(i + batch_size, data.n_text)), keys), device)).float().cpu()
-             for i in range(0, data.n_text, batch_size)]
-        v = [self.encode_visual(batch_to(visual_batch(data, range(i, min(i + batch_size, data.n_visual)), keys), device)).float().cpu()
-             for i in range(0, data.n_visual, batch_size)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            t = [self.encode_text(batch_to(text_batch(data, range(i, min(i + batch_size, data.n_text)), keys), device)).float().cpu()
+                 for i in range(0, data.n_text, batch_size)]
+            v = [self.encode_visual(batch_to(visual_batch(data, range(i, min(i + batch_size, data.n_visual)), keys), device)).float().cpu()
+                 for i in range(0, data.n_visual, batch_size)]
     finally:
         self.train(was_training)
     return torch.cat(t), torch.cat(v)

@@ -21,8 +21,8 @@ from ..similarity import SET_SIMILARITIES, SET_SIMILARITY_NAMES, mp_similarity
 
 # %% auto #0
 __all__ = ['ATTENTION_MODES', 'ARCHS', 'attention_weights', 'CrossAttention', 'FeedForward', 'AggregationBlock', 'sine_positions',
-           'SetPredictionModule', 'PIENet', 'SetSimilarity', 'mmd_loss', 'uniformity_loss', 'DiveLossConfig',
-           'dive_loss', 'set_log_variance', 'DiveConfig', 'drop_inputs', 'DivE']
+           'projected_sine_positions', 'SetPredictionModule', 'PIENet', 'SetSimilarity', 'mmd_loss', 'uniformity_loss',
+           'DiveLossConfig', 'dive_loss', 'set_log_variance', 'DiveConfig', 'drop_inputs', 'DivE']
 
 # %% ../../nbs/11_models.dive.ipynb #24dbda79
 ATTENTION_MODES = ("slot", "transformer")
@@ -62,11 +62,16 @@ class CrossAttention(nn.Module):
 
     def project_context(self, context: Tensor,             # inputs, (B, L, context_dim)
                         k_pos: Tensor | None = None,       # positional encoding added to the keys, (B, L, context_dim)
+                        key_bias: Tensor | None = None,    # term added to the projected keys, (B, L, heads * head_dim)
                        ) -> tuple[Tensor, Tensor]:         # keys, values: (B, heads, L, head_dim)
         "Keys and values of the inputs (computed once and reused by every application of a shared block)."
         B, L, _ = context.shape
-        split = lambda t: t.view(B, L, self.heads, self.head_dim).transpose(1, 2)
-        return split(self.to_k(context if k_pos is None else context + k_pos)), split(self.to_v(context))
+        split = lambda t: t.view(B, L, self.heads, self.head_dim).transpose(1, 2).contiguous()  # contiguous once, not per use
+        if k_pos is None:   # keys and values in one matmul: one pass over the inputs
+            k, v = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, dim=-1)
+        else: k, v = self.to_k(context + k_pos), self.to_v(context)
+        if key_bias is not None: k = k + key_bias
+        return split(k), split(v)
 
     def forward(self, x: Tensor,               # slots, (B, K, dim)
                 kv: tuple[Tensor, Tensor],     # keys and values from `project_context`
@@ -108,10 +113,13 @@ class AggregationBlock(nn.Module):
     def forward(self, inputs: Tensor,             # (B, L, context_dim)
                 mask: Tensor | None = None,       # (B, L) bool, True = valid
                 pos: Tensor | None = None,        # key positional encoding, (B, L, context_dim)
+                check: bool = True,               # validate the inputs (False: the caller already did)
+                key_bias: Tensor | None = None,   # added to the projected keys, (B, L, heads * head_dim)
                ) -> tuple[Tensor, Tensor]:        # slots (B, K, dim), last attention weights (B, heads, K, L)
-        check_tensor(inputs, "inputs", ndim=3, dims={2: self.context_dim})
-        check_mask(mask, "mask", inputs.shape[:2])
-        kv = self.attn.project_context(self.norm_context(inputs), pos)   # shared weights: same keys/values every time
+        if check:
+            check_tensor(inputs, "inputs", ndim=3, dims={2: self.context_dim})
+            check_mask(mask, "mask", inputs.shape[:2])
+        kv = self.attn.project_context(self.norm_context(inputs), pos, key_bias)   # shared weights: same keys/values every time
         x = self.queries.expand(inputs.shape[0], -1, -1)
         for _ in range(self.depth):
             upd, attn = self.attn(self.norm_x(x), kv, mask)
@@ -127,11 +135,22 @@ def sine_positions(mask: Tensor,          # (B, L) bool, True = real token
     "1-D sine positional encoding with positions normalised to (0, 2*pi] by each sequence's length."
     m = mask.float()
     pos = m.cumsum(1) / m.sum(1, keepdim=True).clamp(min=1) * (2 * math.pi)
-    i = torch.arange(dim, device=mask.device)
-    freq = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / dim)
-    ang = pos[..., None] / freq
-    enc = torch.where(i % 2 == 0, ang.sin(), ang.cos())
+    i = torch.arange(0, dim, 2, device=mask.device)   # even channels: sin, odd channels: cos of the same frequency
+    ang = pos[..., None] / temperature ** (i / dim)
+    enc = torch.stack([ang.sin(), ang.cos()], -1).flatten(-2)[..., :dim]
     return enc * m[..., None]
+
+def projected_sine_positions(mask: Tensor,     # (B, L) bool, True = real token
+                             weight: Tensor,   # (out, dim) projection without bias (the keys' `to_k.weight`)
+                             temperature: float = 10000.0,
+                            ) -> Tensor:       # (B, L, out) = sine_positions(mask, dim) @ weight.T
+    "The projected sine encoding, looked up in a table of the L(L+1)/2 distinct (position, length) pairs instead of computed per token."
+    L, dev = mask.shape[1], mask.device
+    grid = torch.arange(L, device=dev)
+    table = F.linear(sine_positions(grid[None] <= grid[:, None], weight.shape[1], temperature), weight)  # [n-1, c-1]: c-th of n tokens
+    table = F.pad(table, (0, 0, 1, 0))                                   # column 0: padding (zero)
+    m = mask.long()
+    return table[(m.sum(1) - 1).clamp(min=0)[:, None], m.cumsum(1) * m]
 
 # %% ../../nbs/11_models.dive.ipynb #9232cc72
 class SetPredictionModule(nn.Module):
@@ -150,15 +169,16 @@ class SetPredictionModule(nn.Module):
     def forward(self, local: Tensor,               # (B, L, context_dim)
                 global_feat: Tensor,               # (B, dim)
                 mask: Tensor | None = None,        # (B, L) bool, True = valid
+                check: bool = True,                # validate the inputs (False: the caller already did)
                ) -> tuple[Tensor, Tensor, Tensor]: # set (B, K, dim) unit norm, residual slots (B, K, dim), attention (B, heads, K, L)
-        check_tensor(global_feat, "global_feat", ndim=2, dims={0: local.shape[0], 1: self.dim})
-        pos = None
-        if self.pos_encoding == "sine":
+        if check: check_tensor(global_feat, "global_feat", ndim=2, dims={0: local.shape[0], 1: self.dim})
+        key_bias = None
+        if self.pos_encoding == "sine":   # to_k(x + pos) = to_k(x) + to_k(pos): the positions' part from a small table
             m = mask if mask is not None else torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)
-            pos = sine_positions(m, local.shape[-1]).to(local.dtype)
-        slots, attn = self.agg(local, mask, pos)
+            key_bias = projected_sine_positions(m, self.agg.attn.to_k.weight)
+        slots, attn = self.agg(local, mask, check=check, key_bias=key_bias)
         out = self.global_norm(global_feat)[:, None] + slots
-        return F.normalize(out, dim=-1), slots, attn
+        return F.normalize(out.float(), dim=-1), slots, attn   # unit norm in fp32 also under bf16 autocast
 
 # %% ../../nbs/11_models.dive.ipynb #b8d93614
 class PIENet(nn.Module):
@@ -175,17 +195,18 @@ class PIENet(nn.Module):
         for w in (self.w1.weight, self.w2.weight, self.fc.weight): nn.init.xavier_uniform_(w)
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, local: Tensor, global_feat: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, local: Tensor, global_feat: Tensor, mask: Tensor | None = None, check: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         "Same contract as `SetPredictionModule.forward`; attention is (B, 1, K, L)."
-        check_tensor(local, "inputs", ndim=3)
-        check_tensor(global_feat, "global_feat", ndim=2, dims={0: local.shape[0], 1: self.dim})
-        check_mask(mask, "mask", local.shape[:2])
+        if check:
+            check_tensor(local, "inputs", ndim=3)
+            check_tensor(global_feat, "global_feat", ndim=2, dims={0: local.shape[0], 1: self.dim})
+            check_mask(mask, "mask", local.shape[:2])
         logits = self.w2(torch.tanh(self.w1(local)))                        # (B, L, K)
         if mask is not None: logits = logits.masked_fill(~mask[..., None], float("-inf"))
         attn = logits.softmax(dim=1).transpose(1, 2)                        # (B, K, L)
         residual = self.dropout(torch.sigmoid(self.fc(attn @ local)))        # (B, K, dim)
         out = self.norm(global_feat[:, None] + residual)
-        return F.normalize(out, dim=-1), residual, attn[:, None]
+        return F.normalize(out.float(), dim=-1), residual, attn[:, None]
 
 # %% ../../nbs/11_models.dive.ipynb #facb84d1
 class SetSimilarity(nn.Module):
@@ -347,7 +368,7 @@ class DivE(RetrievalModel):
         check_mask(mask, "visual_mask", local.shape[:2])
         if self.training: mask = drop_inputs(mask, self.config.region_drop)
         x = self.visual_proj(local)
-        return self.visual_spm(x, masked_max(x, mask), mask)
+        return self.visual_spm(x, masked_max(x, mask), mask, check=False)   # inputs checked above
 
     def encode_text_set(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         "Text sets (B_t, K, D), residual slots (B_t, K, D) and attention over the tokens (B_t, heads, K, Lt)."
@@ -359,8 +380,9 @@ class DivE(RetrievalModel):
         check_mask(mask, "text_mask", local.shape[:2])
         glob = batch.get("text_global")
         if glob is None: glob = masked_mean(local, mask)
+        else: check_tensor(glob, "text_global", ndim=2, dims={0: local.shape[0], 1: self.config.text_dim})
         if self.training: mask = drop_inputs(mask, self.config.token_drop)
-        return self.text_spm(local, self.text_proj(glob), mask)
+        return self.text_spm(local, self.text_proj(glob), mask, check=False)   # inputs checked above
 
     def encode_visual(self, batch: dict) -> Tensor: return self.encode_visual_set(batch)[0]
     def encode_text(self, batch: dict) -> Tensor: return self.encode_text_set(batch)[0]
