@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .core import (CheckpointError, Config, ConfigError, ShapeError, atomic_path, check_mask, check_tensor,
                               check_unit_norm, make_generator)
-from .similarity import SET_SIMILARITIES, candidate_set_similarity, check_unit_vectors
+from .similarity import SET_SIMILARITIES, candidate_set_similarity
 from .testing import clustered_unit_sets, clustered_unit_vectors   # re-exported: the synthetic data of this page
 
 # %% auto #0
@@ -269,7 +269,7 @@ class SetEmbeddingIndex:
         check_mask(mask, "mask", sets.shape[:2])
         sets = sets.detach().float().cpu()
         valid = torch.ones(sets.shape[:2], dtype=torch.bool) if mask is None else mask.cpu()
-        check_unit_vectors(sets, "sets", valid)
+        check_unit_norm(sets, "sets", valid)
         owners = torch.arange(len(self), len(self) + len(sets))[:, None].expand(-1, sets.shape[1])[valid]
         self.elements.add(sets[valid])
         if not len(self):
@@ -308,7 +308,7 @@ class SetEmbeddingIndex:
         k = _check_k(k, len(self))
         check_mask(query_mask, "query_mask", queries.shape[:2])
         queries = queries.detach().float().cpu()
-        check_unit_vectors(queries, "queries", query_mask)
+        check_unit_norm(queries, "queries", query_mask)
         cand = self.candidates(queries, query_mask)
         c = self.config
         scores = torch.full((len(queries), k), -math.inf); pos = torch.full((len(queries), k), -1, dtype=torch.long)

@@ -17,8 +17,8 @@ from .encoders import masked_mean
 
 
 # %% auto #0
-__all__ = ['check_unit_vectors', 'chamfer', 'max_sim', 'SET_SIMILARITIES', 'SET_SIMILARITY_NAMES', 'cosine', 'smooth_chamfer',
-           'mean_sim', 'candidate_set_similarity', 'mp_similarity']
+__all__ = ['chamfer', 'max_sim', 'SET_SIMILARITIES', 'SET_SIMILARITY_NAMES', 'cosine', 'smooth_chamfer', 'mean_sim',
+           'candidate_set_similarity', 'mp_similarity']
 
 # %% ../nbs/01_similarity.ipynb #4a7fae3d
 def cosine(x: Tensor,  # queries, (n, d)
@@ -36,8 +36,6 @@ def cosine(x: Tensor,  # queries, (n, d)
 # %% ../nbs/01_similarity.ipynb #dea780e5
 _SHIFT_FREE_MAX_ALPHA = 40.0   # exp(alpha * s) for |s| <= 1 stays a normal fp32 number well beyond this
 _DEFAULT_BLOCK = 2 ** 23       # entries of the (n, kx, c, ky) block when chunk_size is None (32 MiB in fp32)
-
-check_unit_vectors = check_unit_norm   # deprecated alias: use `xmretrieval.core.check_unit_norm`; kept until `index.SetEmbeddingIndex` (edited on another branch) stops importing it
 
 def _check_sets(x, y, x_mask, y_mask, check: bool):
     "Validate a pair of set batches; return the masks (None when absent or all-valid is not worth checking)."
