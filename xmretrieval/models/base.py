@@ -264,9 +264,15 @@ class RetrievalModel(nn.Module):
 
     @classmethod
     def config_for_data(cls, config: Config, data) -> Config:
-        "Fill the data-dependent fields of `config` (feature widths, ...) from a `RetrievalData`; default: a `visual_dim` of 0 becomes the data's visual feature width."
-        if getattr(config, "visual_dim", None) == 0: return config.replace(visual_dim=int(data.visual_local.shape[-1]))
-        return config
+        """Fill the data-dependent fields of `config` from a `RetrievalData`; default: a `visual_dim` of 0 becomes
+        the data's visual feature width, a `text_dim` of 0 the precomputed text feature width (when `config.text` reads features)."""
+        changes = {}
+        if getattr(config, "visual_dim", None) == 0: changes["visual_dim"] = int(data.visual_local.shape[-1])
+        if getattr(config, "text_dim", None) == 0 and getattr(getattr(config, "text", None), "kind", None) == "features":
+            feats = data.text_global if data.text_global is not None else data.text_local
+            if feats is None: raise DataError(f"{data.name}/{data.split} has no precomputed text features; use text.kind='hf'")
+            changes["text_dim"] = int(feats.shape[-1])
+        return config.replace(**changes) if changes else config
 
     def batch_keys(self) -> set[str] | None:
         "The feature keys (`FEATURE_KEYS`) this model reads from a batch; None = all of them."

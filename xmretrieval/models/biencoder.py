@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +18,21 @@ from ..losses import InfoNCELoss, TripletLoss
 from .base import RetrievalModel, make_batch, register_model
 
 # %% auto #0
-__all__ = ['BiEncoderConfig', 'Head', 'BiEncoder']
+__all__ = ['PairLossConfig', 'BiEncoderConfig', 'Head', 'pair_loss', 'BiEncoder']
 
 # %% ../../nbs/10_models.biencoder.ipynb #4cad25d6
 @dataclasses.dataclass
-class BiEncoderConfig(Config):
+class PairLossConfig(Config):
+    "The loss fields of single-vector-query models (`pair_loss`): VSE++ triplet or InfoNCE."
+    loss: str = "triplet"       # "triplet" (VSE++) or "infonce"
+    margin: float = 0.2         # triplet margin
+    max_violation: bool = True  # triplet: hardest negative (VSE++) or all negatives
+    reduction: str = "sum"      # triplet: "sum" over the batch (VSE++) or "mean"
+    temperature: float = 0.05   # InfoNCE initial temperature
+    learnable_temperature: bool = True
+
+@dataclasses.dataclass
+class BiEncoderConfig(PairLossConfig):
     "The bi-encoder: encoders, heads, embedding width and loss."
     text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
     visual: VisualEncoderConfig = dataclasses.field(default_factory=VisualEncoderConfig)
@@ -30,12 +41,6 @@ class BiEncoderConfig(Config):
     embed_dim: int = 256            # joint embedding width
     head: str = "mlp"           # "linear" or "mlp" (linear + 2-layer MLP residual)
     dropout: float = 0.1        # in the MLP head
-    loss: str = "triplet"       # "triplet" (VSE++) or "infonce"
-    margin: float = 0.2         # triplet margin
-    max_violation: bool = True  # triplet: hardest negative (VSE++) or all negatives
-    reduction: str = "sum"      # triplet: "sum" over the batch (VSE++) or "mean"
-    temperature: float = 0.05   # InfoNCE initial temperature
-    learnable_temperature: bool = True
 
     @classmethod
     def from_dict(cls, d: dict):
@@ -57,19 +62,17 @@ class Head(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x) + (self.mlp(x) if self.mlp is not None else 0)
 
+def pair_loss(config: Config,         # a config with the bi-encoder's loss fields (BiEncoderConfig, RegionConfig)
+              similarity: Callable,   # (text_emb, visual_emb) -> (n_t, n_v) similarities
+             ) -> nn.Module:
+    "The configured loss over a similarity: VSE++ triplet (`loss='triplet'`) or InfoNCE."
+    if config.loss == "triplet": return TripletLoss(config.margin, config.max_violation, config.reduction, similarity=similarity)
+    return InfoNCELoss(config.temperature, config.learnable_temperature, similarity=similarity)
+
 @register_model("biencoder")
 class BiEncoder(RetrievalModel):
     "Bi-encoder baseline: unit embeddings (B, embed_dim) per caption and per item, cosine similarity."
     config_class = BiEncoderConfig
-
-    @classmethod
-    def config_for_data(cls, config: BiEncoderConfig, data) -> BiEncoderConfig:
-        "As `RetrievalModel.config_for_data` (`visual_dim`), and `text_dim` from the precomputed text features."
-        config = super().config_for_data(config, data)
-        if config.text_dim or config.text.kind != "features": return config
-        feats = data.text_global if data.text_global is not None else data.text_local
-        if feats is None: raise DataError(f"{data.name}/{data.split} has no precomputed text features; use text.kind='hf'")
-        return config.replace(text_dim=int(feats.shape[-1]))
 
     def __init__(self, config: BiEncoderConfig):
         super().__init__(config)
@@ -82,10 +85,7 @@ class BiEncoder(RetrievalModel):
         mlp = config.head == "mlp"
         self.text_head = Head(self.text_encoder.out_dim, config.embed_dim, mlp, config.dropout)
         self.visual_head = Head(self.visual_encoder.out_dim, config.embed_dim, mlp, config.dropout)
-        if config.loss == "triplet":
-            self.loss = TripletLoss(config.margin, config.max_violation, config.reduction, similarity=self.similarity)
-        else:
-            self.loss = InfoNCELoss(config.temperature, config.learnable_temperature, similarity=self.similarity)
+        self.loss = pair_loss(config, self.similarity)
 
     def batch_keys(self) -> set[str]:
         "Only the features the encoders read: pooled ones when they suffice."

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from ..core import Config, ConfigError, DataError, ShapeError, check_mask, check_tensor
 from ..encoders import TextEncoder, TextEncoderConfig
-from ..losses import InfoNCELoss, TripletLoss
+from ..losses import InfoNCELoss
 from .base import RetrievalModel, register_model
-from .biencoder import Head
+from .biencoder import Head, PairLossConfig, pair_loss
 from ..similarity import mean_sim, smooth_chamfer
 
 # %% auto #0
@@ -48,7 +48,7 @@ def smooth_max_similarity(text_emb: Tensor,    # unit caption embeddings, (n, d)
 _LOSSES = ("triplet", "infonce")
 
 @dataclasses.dataclass
-class RegionConfig(Config):
+class RegionConfig(PairLossConfig):
     "The region reference: text encoder and head, region head, smooth-max temperature and loss."
     text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
     text_dim: int = 0             # width of precomputed text features (0: read from the data)
@@ -57,12 +57,6 @@ class RegionConfig(Config):
     head: str = "mlp"           # "linear" or "mlp" (linear + 2-layer MLP residual), both sides
     dropout: float = 0.1        # in the MLP heads
     alpha: float = 16.0         # smooth-max temperature: s = log sum_j exp(alpha <t, v_j>) / alpha
-    loss: str = "triplet"       # "triplet" (VSE++) or "infonce"
-    margin: float = 0.2         # triplet margin
-    max_violation: bool = True  # triplet: hardest negative (VSE++) or all negatives
-    reduction: str = "sum"      # triplet: "sum" over the batch (VSE++) or "mean"
-    temperature: float = 0.05   # InfoNCE initial temperature
-    learnable_temperature: bool = True
 
     def __post_init__(self):
         p = "RegionConfig."
@@ -86,17 +80,6 @@ class RegionModel(RetrievalModel):
     "Region reference: a unit embedding per region (B_v, L, d) and per caption (B_t, 1, d), scored by a smooth max over regions."
     config_class = RegionConfig
 
-    @classmethod
-    def config_for_data(cls, config: RegionConfig, data) -> RegionConfig:
-        "Fill `visual_dim` (and `text_dim` for precomputed text features) from a `RetrievalData` split."
-        changes = {}
-        if not config.visual_dim: changes["visual_dim"] = int(data.visual_local.shape[-1])
-        if not config.text_dim and config.text.kind == "features":
-            feats = data.text_global if data.text_global is not None else data.text_local
-            if feats is None: raise DataError(f"{data.name}/{data.split} has no precomputed text features; use text.kind='hf'")
-            changes["text_dim"] = int(feats.shape[-1])
-        return config.replace(**changes) if changes else config
-
     def __init__(self, config: RegionConfig | None = None):
         config = config or RegionConfig()
         super().__init__(config)
@@ -108,10 +91,7 @@ class RegionModel(RetrievalModel):
         self.text_encoder = TextEncoder(config.text, in_dim=config.text_dim)
         self.text_head = Head(self.text_encoder.out_dim, config.embed_dim, mlp, config.dropout)
         self.region_head = Head(config.visual_dim, config.embed_dim, mlp, config.dropout)
-        if config.loss == "triplet":
-            self.loss = TripletLoss(config.margin, config.max_violation, config.reduction, similarity=self.similarity)
-        else:
-            self.loss = InfoNCELoss(config.temperature, config.learnable_temperature, similarity=self.similarity)
+        self.loss = pair_loss(config, self.similarity)
 
     def batch_keys(self) -> set[str]:
         "The region features with their mask, and the pooled text features when the text side reads features."
