@@ -14,14 +14,6 @@ from xmretrieval.checkpoint import load_checkpoint, load_config
 from xmretrieval.train import Trainer
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_tiny_preset_trains_from_the_cli_and_reloads(tmp_path, one_thread):
     out = tmp_path / "run"
     summary = xmr_train("cret_tiny", out=str(out), epochs=2)

@@ -212,15 +212,6 @@ def toy_retrieval_data(n=64, n_obj=20, L=12, Lt=6, dv=16, dt=12, caps=2, seed=0)
                 text_to_visual=t2v)
 
 
-@pytest.fixture
-def one_thread():
-    "Tiny models run fastest on one thread (and do not fight the other test workers); restored afterwards."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_short_training_loop_beats_random_ranking(one_thread):
     "A self-contained training loop (AdamW, clip 1, SPM lr x0.1) on a toy set-matching task."
     data = toy_retrieval_data(n=320)

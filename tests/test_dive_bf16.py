@@ -15,14 +15,6 @@ from xmretrieval.train import load_config
 BF16_EMBED_ATOL = 0.01   # max |bf16 - fp32| of a unit embedding's coordinates (measured: ~0.0015 at D=256)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sine_reference(mask, dim, temperature=10000.0):
     "The per-token formula: channel i is sin (even i) or cos (odd i) of pos / temperature^(2 floor(i/2) / dim)."
     m = mask.float()

@@ -10,14 +10,6 @@ from xmretrieval.repro.dive import chance_metrics, dive_config
 from xmretrieval.train import Trainer, evaluate, load_checkpoint, load_config
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_tiny_preset_trains_from_the_cli_and_reloads(tmp_path, one_thread):
     out = tmp_path / "run"
     summary = xmr_train("dive_tiny", out=str(out), epochs=2)

@@ -19,14 +19,6 @@ from xmretrieval.similarity import mean_sim
 from xmretrieval.train import Trainer, evaluate, load_checkpoint
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def unit(g, *shape):
     return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
 

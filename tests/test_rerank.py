@@ -21,14 +21,6 @@ PRESETS = ("rerank_tiny", "rerank_emoji_scenes", "rerank_emoji_objects", "rerank
            "rerank_karpathy_coco", "rerank_karpathy_f30k")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(visual_dim=1280, **kw):
     torch.manual_seed(0)
     return RerankModel(RerankConfig(pretrained=False, bert=TINY_BERT, visual_dim=visual_dim, **kw)).eval()
