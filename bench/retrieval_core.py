@@ -300,6 +300,18 @@ def bench_metrics(n_visual, caps, d, chunk, repeats):
 
 
 # ------------------------------------------------------------------------------------------------------------- main
+def write_results(res: dict, parts, out: Path, t_all: float, commit: str, quick: bool) -> None:
+    "Record this run (date, commit, command, seconds) under res['runs'] and write `out` atomically."
+    res["runs"][",".join(sorted(parts))] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit, "quick": quick,
+        "seconds": time.perf_counter() - t_all, "command": "python " + " ".join(sys.argv)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1) + "\n")
+    os.replace(tmp, out)
+    log(f"wrote {out} in {time.perf_counter() - t_all:.0f}s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -359,14 +371,7 @@ def main():
         l0 = load()
         res["metrics"] = bench_metrics(1000 if q else 5000, 5, 256, 1024, repeats=3)
         res["metrics"]["load_before"], res["metrics"]["load_after"] = l0, load()
-    res["runs"][",".join(sorted(parts))] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit, "quick": q,
-        "seconds": time.perf_counter() - t_all, "command": "python bench/retrieval_core.py " + " ".join(sys.argv[1:])}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    os.replace(tmp, out)
-    log(f"wrote {out} in {time.perf_counter() - t_all:.0f}s")
+    write_results(res, parts, out, t_all, commit, q)
 
 
 if __name__ == "__main__":

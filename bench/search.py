@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from retrieval_core import SPREAD, clustered, flattened_smooth_chamfer, load, log, med, timed  # noqa: E402
+from retrieval_core import SPREAD, clustered, flattened_smooth_chamfer, load, log, med, timed, write_results  # noqa: E402
 
 from xmretrieval.certified import CertifiedConfig, CertifiedIndex, smooth_chamfer_topk  # noqa: E402
 from xmretrieval.index import EmbeddingIndex, IndexConfig, clustered_unit_sets, recall_at_k  # noqa: E402
@@ -191,14 +191,7 @@ def main():
             res["milvus"] = bench_milvus(5000, 200 if q else 1000, 256, 10, repeats=2 if q else 3)
         except ImportError:
             res["milvus"] = {"skipped": "milvus-lite is not installed"}
-    res["runs"][",".join(sorted(parts))] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit, "quick": q,
-        "seconds": time.perf_counter() - t_all, "command": "python bench/search.py " + " ".join(sys.argv[1:])}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    os.replace(tmp, out)
-    log(f"wrote {out} in {time.perf_counter() - t_all:.0f}s")
+    write_results(res, parts, out, t_all, commit, q)
 
 
 if __name__ == "__main__":
