@@ -278,16 +278,11 @@ def test_checkpoint_with_other_frame_width_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- learning
-def test_short_training_on_emoji_video_tiny_beats_random_ranking():
+def test_short_training_on_emoji_video_tiny_beats_random_ranking(one_thread):
     from xmretrieval.repro.dive import chance_metrics
     from xmretrieval.train import Trainer, load_config
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tr = Trainer(load_config("cret_tiny"))
-        s = tr.fit()
-    finally:
-        torch.set_num_threads(n)
+    tr = Trainer(load_config("cret_tiny"))
+    s = tr.fit()
     test = tr.data["test"]
     assert test.name == "emoji-video" and test.visual_local.shape[1] == 16
     ch = chance_metrics(test.text_to_visual, test.n_visual)
