@@ -23,7 +23,7 @@ from .models.base import RetrievalModel, build_model, get_model_class
 
 # %% auto #0
 __all__ = ['PRESETS_DIR', 'CHECKPOINT_FORMAT', 'OptimConfig', 'DataConfig', 'TrainConfig', 'load_config', 'reproduction_config',
-           'load_split', 'evaluate', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint']
+           'load_split', 'evaluate', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'load_run']
 
 # %% ../nbs/07a_checkpoint.ipynb #e6292366
 @dataclasses.dataclass
@@ -163,15 +163,21 @@ def evaluate(model: RetrievalModel,  # a trained model (unwrapped, not DDP)
              data,                   # a RetrievalData split
              batch_size: int = 512,  # items / captions per forward pass
              chunk_size: int = 1024, # text rows per similarity chunk
+             plausible: bool = False, # also R-Precision, mAP@R and misses over the exact true matches (`metrics.plausible_metrics`)
             ) -> dict:
-    "Retrieval metrics of `model` on `data`: t2v/ and v2t/ R@1, R@5, R@10, MdR, MnR and RSUM."
-    from xmretrieval.metrics import retrieval_metrics
+    "Retrieval metrics of `model` on `data`: t2v/ and v2t/ R@1, R@5, R@10, MdR, MnR and RSUM (+ the plausible ones)."
+    from xmretrieval.metrics import plausible_metrics, retrieval_metrics
     for k, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ConfigError(f"`{k}` must be an int >= 1, got {v!r}")
     custom = getattr(model, "evaluate_data", None)   # models that rank otherwise (a cross-encoder) say how
-    if custom is not None: return custom(data, batch_size=batch_size, chunk_size=chunk_size)
+    if custom is not None:
+        if plausible: raise ConfigError(f"plausible=True needs an embedding model; {type(model).__name__} ranks otherwise")
+        return custom(data, batch_size=batch_size, chunk_size=chunk_size)
     t, v = model.embed(data, batch_size=batch_size)
-    return retrieval_metrics(model.score(t, v, chunk_size=chunk_size), data.text_to_visual)
+    sims = model.score(t, v, chunk_size=chunk_size)
+    out = retrieval_metrics(sims, data.text_to_visual)
+    if plausible: out.update(plausible_metrics(sims, data.text_to_visual, data.match_indptr, data.match_indices, chunk_size))
+    return out
 
 # %% ../nbs/07a_checkpoint.ipynb #274dcb83
 CHECKPOINT_FORMAT = "xmretrieval-checkpoint-1"
@@ -235,6 +241,13 @@ def load_checkpoint(path: str | os.PathLike,
     model = cls(cls.config_class.from_dict(json.loads(meta["model_config"])))
     _load_weights(model, tensors, path)
     return model.to(get_device(device)).eval(), config, json.loads(meta["state"])
+
+def load_run(run_dir: str | os.PathLike) -> RetrievalModel:
+    "The model of a training run folder: its best-validation checkpoint (else the last one), in eval mode."
+    run_dir = Path(run_dir)
+    for name in ("best.safetensors", "last.safetensors"):
+        if (run_dir / name).exists(): return load_checkpoint(run_dir / name)[0].eval()
+    raise CheckpointError(f"{str(run_dir)!r} holds no best.safetensors or last.safetensors (not a finished run?)")
 
 def _load_weights(model: nn.Module, tensors: dict, path) -> None:
     sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}

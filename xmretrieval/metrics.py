@@ -17,7 +17,8 @@ from .core import ConfigError, DataError, ShapeError, check_tensor
 # %% auto #0
 __all__ = ['MEDR_CONVENTIONS', 'RECALL_KS', 'PROTOCOLS', 'TABLE_KEYS', 'retrieval_ranks', 'metrics_from_ranks',
            'retrieval_metrics', 'chunked_retrieval_metrics', 'fold_metrics', 'protocol_metrics', 'markdown_table',
-           'aggregate_seeds', 'format_mean_std', 'plausible_metrics']
+           'aggregate_seeds', 'format_mean_std', 'paired_difference', 'paired_sentence', 'chance_metrics',
+           'plausible_metrics']
 
 # %% ../nbs/02_metrics.ipynb #4934b091
 MEDR_CONVENTIONS = ("floor", "plain")
@@ -244,6 +245,48 @@ def format_mean_std(agg: dict[str, tuple[float, float]] | tuple[float, float],  
     if isinstance(agg, dict): return {k: format_mean_std(v, digits) for k, v in agg.items()}
     mean, std = agg
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+# %% ../nbs/02_metrics.ipynb #59f9d964
+def paired_difference(a: Sequence[dict[str, float]],  # method A: one metric dict per seed
+                      b: Sequence[dict[str, float]],  # method B: the same seeds, in the same order
+                      key: str = "RSUM",              # the metric compared
+                     ) -> dict:
+    "Per-seed differences A - B of `key`, their mean and std, the seed noise, and whether A > B holds beyond it."
+    a, b = list(a), list(b)
+    if not a or len(a) != len(b): raise ConfigError(f"paired runs need the same number of seeds (>= 1), got {len(a)} and {len(b)}")
+    for n, runs in (("a", a), ("b", b)):
+        if any(key not in r for r in runs): raise ConfigError(f"metric {key!r} is missing from some runs of `{n}`")
+    d = np.array([float(x[key]) - float(y[key]) for x, y in zip(a, b)])
+    sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+    noise = max(sd([float(x[key]) for x in a]), sd([float(y[key]) for y in b])) if len(a) > 1 else float("nan")
+    return {"key": key, "per_seed": d.tolist(), "mean": float(d.mean()), "std": sd(d), "wins": int((d > 0).sum()),
+            "n": len(d), "seed_noise": noise, "holds": bool(len(d) > 1 and (d > 0).all() and d.mean() > noise)}
+
+def paired_sentence(name_a: str, name_b: str, p: dict, digits: int = 1) -> str:
+    "One sentence on a `paired_difference` result: the claim, the numbers and whether it holds beyond the seed noise."
+    f = lambda x: f"{x:+.{digits}f}"
+    verdict = ("holds beyond the seed noise" if p["holds"] else
+               "one seed only: no verdict" if p["n"] < 2 else "does not hold beyond the seed noise")
+    return (f"{name_a} above {name_b} on {p['key']}: mean difference {f(p['mean'])} (per seed "
+            f"{', '.join(f(x) for x in p['per_seed'])}; {p['wins']}/{p['n']} seeds won; seed noise "
+            f"{p['seed_noise']:.{digits}f}): {verdict}.")
+
+# %% ../nbs/02_metrics.ipynb #df2eef4a
+def chance_metrics(text_to_visual: Tensor,   # (n_text,) item of each caption
+                   n_visual: int | None = None,  # gallery size (default: max index + 1)
+                  ) -> dict[str, float]:
+    "Expected R@1/5/10 (percent, both directions) and RSUM of a uniformly random ranking."
+    t2v = torch.as_tensor(text_to_visual).long()
+    n_v = n_visual or int(t2v.max()) + 1
+    n_t = len(t2v)
+    counts = torch.bincount(t2v, minlength=n_v).tolist()
+    out = {}
+    for k in RECALL_KS:
+        out[f"t2v/R@{k}"] = 100 * min(k, n_v) / n_v
+        miss = [math.prod((n_t - c - i) / (n_t - i) for i in range(min(k, n_t))) if n_t - c >= k else 0.0 for c in counts]
+        out[f"v2t/R@{k}"] = 100 * (1 - sum(miss) / n_v)
+    out["RSUM"] = sum(out[f"{d}/R@{k}"] for d in ("t2v", "v2t") for k in RECALL_KS)
+    return out
 
 # %% ../nbs/02_metrics.ipynb #44cb7cad
 def _match_mask(ptr: Tensor, ind: Tensor, rows: Tensor, n_cols: int) -> Tensor:

@@ -22,8 +22,8 @@ from .metrics import markdown_table
 from .registry import Registry
 
 # %% auto #0
-__all__ = ['REPRODUCTIONS', 'MODES', 'register_reproduction', 'mode_seeds', 'save_figure', 'build_benchmarks', 'update_readme',
-           'reproduce', 'main']
+__all__ = ['REPRODUCTIONS', 'MODES', 'FULL_PRESETS', 'register_reproduction', 'mode_seeds', 'save_figure', 'build_benchmarks',
+           'update_readme', 'training_compute', 'reproduce', 'main']
 
 # %% ../nbs/90_reproduce.ipynb #2d6e3b96
 REPRODUCTIONS = Registry("reproduction", package="xmretrieval.repro")
@@ -53,17 +53,20 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     plt.close(fig)
 
 # %% ../nbs/90_reproduce.ipynb #6abf1d7f
+FULL_PRESETS = {"emoji-objects": ("full",), "emoji-scenes": ("full", "full:unseen-concept"), "emoji-video": ("small",)}
+"The benchmark presets the full reproductions train on (built first by `make reproduce`); quick mode builds the `tiny` ones."
+
 def build_benchmarks(mode: str = "full",                  # "full" builds the full presets, "quick" the tiny ones
                      out_dir: str | os.PathLike = "results",  # writes benchmarks.json / benchmarks.md here
                      names: list[str] | None = None,       # default: every registered benchmark
                     ) -> dict:
     "Build (or load from cache) every split of the embedded benchmarks; record sizes and build times."
     if mode not in MODES: raise ConfigError(f"`mode` must be one of {MODES}, got {mode!r}")
-    preset = "full" if mode == "full" else "tiny"
     rows = []
     names = names or BENCHMARKS.names()
-    for name in tqdm(names, desc=f"benchmarks ({preset})"):
-        for split in get_benchmark(name).splits:
+    for name in tqdm(names, desc=f"benchmarks ({mode})"):
+        for preset, split in ((p, s) for p in (FULL_PRESETS.get(name, ("full",)) if mode == "full" else ("tiny",))
+                              for s in get_benchmark(name).splits):
             t0 = time.perf_counter()
             d = load_benchmark(name, preset, split)
             rows.append({"benchmark": name, "preset": preset, "split": split, "n_visual": d.n_visual,
@@ -94,6 +97,16 @@ def update_readme(readme: str | os.PathLike,  # README.md with the two results m
     with atomic_path(readme) as tmp: tmp.write_text(new)
     return True
 
+# %% ../nbs/90_reproduce.ipynb #21e0eb26
+def training_compute(out_dir: str | os.PathLike) -> dict[str, float]:
+    "Minutes of training + validation recorded in the `history.json` of every run under `out_dir/<stage>/`, per stage."
+    out = {}
+    for h in Path(out_dir).glob("*/**/history.json"):
+        stage = h.relative_to(out_dir).parts[0]
+        rows = json.loads(h.read_text())
+        out[stage] = out.get(stage, 0.0) + sum(r.get("train_time_s", 0.0) + r.get("val_time_s", 0.0) for r in rows) / 60
+    return out
+
 # %% ../nbs/90_reproduce.ipynb #24e0da9e
 def reproduce(mode: str = "full",                       # "full" (make reproduce) or "quick" (tiny presets, minutes)
               out_dir: str | os.PathLike = "results",   # where every table, figure and config goes
@@ -108,20 +121,30 @@ def reproduce(mode: str = "full",                       # "full" (make reproduce
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     parts = [build_benchmarks(mode, out_dir)["markdown"]]
+    stages = [{"stage": "benchmarks (build or load)", "minutes": (time.perf_counter() - t0) / 60}]
+    print(f"== benchmarks: {stages[0]['minutes']:.1f} min", flush=True)
     for name in names:
         if only and name not in only: continue
         print(f"== {name} ({mode})", flush=True)
-        run = REPRODUCTIONS[name]
+        run, t1 = REPRODUCTIONS[name], time.perf_counter()
         run(mode=mode, out_dir=out_dir)
         if not (out_dir/f"{name}.md").exists():
             raise ConfigError(f"reproduction {name!r} ({run.__module__}.{run.__name__}) wrote no {name}.md")
+        stages.append({"stage": name, "minutes": (time.perf_counter() - t1) / 60})
+        print(f"== {name}: {stages[-1]['minutes']:.1f} min", flush=True)
     for name in names:  # the tables of every reproduction in out_dir, also those not re-run by `only`
         md = out_dir/f"{name}.md"
         if md.exists(): parts.append(re.sub(r"^(#+) ", r"#\1 ", md.read_text(), flags=re.M))  # one heading level down
     minutes = (time.perf_counter() - t0) / 60
     summary = "\n\n".join(p.strip() for p in parts)
-    summary += (f"\n\n_{mode} mode, {minutes:.0f} min on {platform.machine()} with {os.cpu_count()} cores, "
-                f"torch {torch.__version__}; every number comes with its config in `results/`._\n")
+    costs = training_compute(out_dir)
+    summary += ("\n\n## Time per stage\n\n" + markdown_table(
+        [{**s, "training compute recorded, min": costs.get(s["stage"], float("nan"))} for s in stages], keys=None, left=("stage",)) +
+        "\n\nminutes: wall time of this invocation (finished runs found in `results/` are reused, not retrained); training "
+        "compute: the train + validation time of every run the stage's tables use, summed from their `history.json` "
+        "(what the stage costs from scratch, as measured when each run was trained; feature builds not included)."
+        f"\n\n_{mode} mode, {minutes:.0f} min on {platform.machine()} with {os.cpu_count()} cores, "
+        f"torch {torch.__version__}; every number comes with its config in `results/`._\n")
     with atomic_path(out_dir/"SUMMARY.md") as tmp: tmp.write_text(summary)
     in_readme = re.sub(r"^(#+) ", r"##\1 ", summary, flags=re.M)  # below the README's "## Results"
     if readme is not None and mode == "full" and not update_readme(readme, in_readme):

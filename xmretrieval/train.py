@@ -33,7 +33,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, PRESETS_DIR, DataConfig, OptimConfig
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'epoch_batches', 'shard_batch', 'param_groups', 'lr_factor', 'TrainingError', 'init_distributed',
-           'peak_memory_mb', 'Trainer', 'train_seeds']
+           'peak_memory_mb', 'Trainer', 'train_seeds', 'convergence']
 
 # %% ../nbs/08_train.ipynb #78041996
 def epoch_batches(text_to_visual: Tensor,   # (n_text,) item of each caption
@@ -270,7 +270,7 @@ def _fit(self: Trainer, device, rank, world, stop_after_epochs):
         batches = epoch_batches(train.text_to_visual, train.n_visual, epoch, cfg.seed, cfg.batch_size,
                                 cfg.captions_per_item, cfg.drop_last or world > 1)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and is_main), leave=False)
-        model.train()
+        model.train(); model.set_epoch(epoch)
         for v_idx, t_idx in bar:
             if cfg.max_steps and state["step"] >= cfg.max_steps: break
             v_idx, t_idx = shard_batch(v_idx, t_idx, train.text_to_visual, rank, world)
@@ -377,3 +377,19 @@ def train_seeds(config: TrainConfig,
         tmp.write_text(f"# {config.model} on {config.data.benchmark} ({config.data.preset}), {split} split, "
                        f"seeds {list(seeds)}\n\n{table}\n")
     return result
+
+# %% ../nbs/08_train.ipynb #eafb4843
+def convergence(history: list[dict],  # a run's history rows ({"epoch", "val/RSUM", ...}; rows without val/ are skipped)
+                epochs: int,          # the epochs the run was configured for
+                tol: float = 1.0,     # plateau: the last 10 % of epochs gain at most this much validation RSUM
+               ) -> dict:
+    "Best epoch and validation RSUM, the gain of the last 10 % of epochs over the best before them, and the plateau verdict."
+    val = [(int(h["epoch"]), float(h["val/RSUM"])) for h in history if "val/RSUM" in h]
+    if not val: raise ConfigError("`history` has no validation rows (val/RSUM): nothing to check")
+    best_epoch, best = max(val, key=lambda x: x[1])
+    cut = epochs - max(1, round(0.1 * epochs))
+    before = [r for e, r in val if e <= cut]
+    after = [r for e, r in val if e > cut]
+    gain = max(after) - max(before) if before and after else float("nan")
+    return {"best_epoch": best_epoch, "epochs": epochs, "best_val_RSUM": best, "gain_last_10pct": gain,
+            "plateau": bool(gain <= tol)}

@@ -261,6 +261,11 @@ class RetrievalModel(nn.Module):
         super().__init__()
         self.config = config
         self.gather = True   # gather embeddings across DDP processes in `forward`
+        self.epoch = 0       # the training epoch (0-based), set by the trainer before each epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        "Called by the trainer before each training epoch (0-based), for objectives with a schedule (e.g. a loss warm-up)."
+        self.epoch = int(epoch)
 
     @classmethod
     def config_for_data(cls, config: Config, data) -> Config:

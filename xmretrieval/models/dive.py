@@ -261,18 +261,20 @@ class DiveLossConfig(Config):
     unif_weight: float = 0.01  # weight of the within-set uniformity of the residual slots
     mmd_gamma: float = 0.5     # kernel exp(-gamma * distance)
     unif_t: float = 2.0        # kernel exp(-t * squared distance)
+    warmup_epochs: int = 1     # first epochs with the summed violations over all negatives, then the hardest one
 
     def __post_init__(self):
         for k in ("margin", "mmd_weight", "unif_weight"): self.check_range(k, ge=0)
-        self.check_range("mmd_gamma", gt=0); self.check_range("unif_t", gt=0)
+        self.check_range("mmd_gamma", gt=0); self.check_range("unif_t", gt=0); self.check_range("warmup_epochs", ge=0)
 
 def dive_loss(sims: Tensor, text_to_visual: Tensor,
               text_set: Tensor, visual_set: Tensor,      # (n_t, K, d), (n_v, K, d) unit-norm sets
               text_res: Tensor, visual_res: Tensor,      # residual slots, same shapes
               cfg: DiveLossConfig = DiveLossConfig(),
+              max_violation: bool = True,                # hardest negative (False: summed violations, the warm-up)
              ) -> dict[str, Tensor]:                     # "loss" and its parts
     "Triplet (hardest negative, both ways) + mmd_weight * MMD + unif_weight * uniformity."
-    triplet = triplet_from_sims(sims, text_to_visual, cfg.margin, max_violation=True, reduction="mean")
+    triplet = triplet_from_sims(sims, text_to_visual, cfg.margin, max_violation=max_violation, reduction="mean")
     mmd = mmd_loss(visual_set.reshape(-1, visual_set.shape[-1]), text_set.reshape(-1, text_set.shape[-1]), cfg.mmd_gamma) \
         if cfg.mmd_weight else sims.new_zeros(())
     unif = uniformity_loss(visual_res, cfg.unif_t) + uniformity_loss(text_res, cfg.unif_t) if cfg.unif_weight else sims.new_zeros(())
@@ -399,7 +401,8 @@ class DivE(RetrievalModel):
         sims = self.similarity(text_emb, visual_emb)
         zeros = torch.zeros_like(text_emb)
         out = dive_loss(sims, text_to_visual, text_emb, visual_emb,
-                        zeros if text_res is None else text_res, zeros if visual_res is None else visual_res, cfg)
+                        zeros if text_res is None else text_res, zeros if visual_res is None else visual_res, cfg,
+                        max_violation=not self.training or self.epoch >= cfg.warmup_epochs)
         if self.config.similarity == "mp": out.update(mp_a=self.sim.a.detach(), mp_b=self.sim.b.detach())
         return out
 

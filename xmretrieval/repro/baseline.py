@@ -11,32 +11,56 @@ import platform
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
-from ..checkpoint import load_config
+from ..checkpoint import evaluate, load_config, load_run, load_split
 from ..core import ConfigError, atomic_path
-from ..metrics import format_mean_std, markdown_table
-from ..reproduce import mode_seeds, register_reproduction
-from ..train import train_seeds
+from ..metrics import aggregate_seeds, chance_metrics, format_mean_std, markdown_table
+from ..reproduce import mode_seeds, register_reproduction, save_figure
+from ..train import convergence, train_seeds
 
 # %% auto #0
-__all__ = ['BASELINE_BENCHMARKS', 'BASELINE_LOSSES', 'LOSS_NAMES', 'baseline_config', 'run_baseline']
+__all__ = ['BASELINE_BENCHMARKS', 'BASELINE_LOSSES', 'LOSS_NAMES', 'EXTRA_PROTOCOLS', 'PLAUSIBLE_KEYS', 'baseline_config',
+           'with_protocol', 'seed_results', 'row_name', 'run_baseline', 'plot_val_curves', 'baseline_markdown']
 
 # %% ../../nbs/30_repro.baseline.ipynb #ab087e32
 BASELINE_BENCHMARKS = {"emoji-objects": "objects", "emoji-scenes": "scenes", "emoji-video": "video"}
 BASELINE_LOSSES = {"triplet": "vsepp", "infonce": "infonce"}
 LOSS_NAMES = {"triplet": "VSE++ (triplet, hardest negative)", "infonce": "InfoNCE"}
+EXTRA_PROTOCOLS = {"emoji-scenes": ("unseen-concept",)}   # run besides the default protocol in full mode
+PLAUSIBLE_KEYS = ("t2v/R-P", "t2v/mAP@R", "t2v/miss top-1 true (%)", "v2t/R-P", "v2t/mAP@R", "v2t/miss top-1 true (%)")
 
 # %% ../../nbs/30_repro.baseline.ipynb #c8bacead
-def baseline_config(benchmark: str, loss: str, mode: str = "full"):
+def baseline_config(benchmark: str, loss: str, mode: str = "full",
+                    protocol: str | None = None,  # None: the benchmark's default protocol; e.g. "unseen-concept"
+                   ):
     "The TrainConfig of one baseline run: preset `biencoder_{vsepp|infonce}_{objects|scenes|video}`, with the `quick` overlay in quick mode."
     if benchmark not in BASELINE_BENCHMARKS: raise ConfigError(f"unknown baseline benchmark {benchmark!r}; choose from {list(BASELINE_BENCHMARKS)}")
     if loss not in BASELINE_LOSSES: raise ConfigError(f"unknown baseline loss {loss!r}; choose from {list(BASELINE_LOSSES)}")
     if mode not in ("quick", "full"): raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
     preset = f"biencoder_{BASELINE_LOSSES[loss]}_{BASELINE_BENCHMARKS[benchmark]}"
-    return load_config(preset, "quick") if mode == "quick" else load_config(preset)
+    return with_protocol(load_config(preset, "quick") if mode == "quick" else load_config(preset), protocol)
+
+def with_protocol(cfg, protocol: str | None):
+    "`cfg` with its data preset under `protocol` (`full` -> `full:unseen-concept`); None: unchanged."
+    return cfg.replace(data=cfg.data.replace(preset=f"{cfg.data.preset}:{protocol}")) if protocol else cfg
 
 # %% ../../nbs/30_repro.baseline.ipynb #69580984
+def seed_results(run_dir: str | os.PathLike,  # the folder of one finished run (seed<N>)
+                 test,                        # its test split
+                ) -> dict:
+    "Test metrics (standard + plausible) of a run's best checkpoint and the convergence check of its validation curve."
+    run_dir = Path(run_dir)
+    hist = json.loads((run_dir / "history.json").read_text())
+    epochs = json.loads((run_dir / "config.json").read_text())["epochs"]
+    return {"test": evaluate(load_run(run_dir), test, plausible=True), "convergence": convergence(hist, epochs),
+            "val_curve": [[h["epoch"], h["val/RSUM"]] for h in hist if "val/RSUM" in h]}
+
+def row_name(bench: str, protocol: str | None) -> str:
+    "The name of a benchmark under a protocol in tables and folders: `emoji-scenes`, `emoji-scenes-unseen-concept`."
+    return f"{bench}-{protocol}" if protocol else bench
+
 @register_reproduction("biencoder", order=10)
 def run_baseline(mode: str = "quick",                     # "quick" (tiny preset, seconds) or "full" (make reproduce)
                  out_dir: str | os.PathLike = "results",   # results/biencoder.{json,md} + results/biencoder/...
@@ -44,30 +68,67 @@ def run_baseline(mode: str = "quick",                     # "quick" (tiny preset
                  losses: tuple[str, ...] = ("triplet", "infonce"),
                  seeds: list[int] | None = None,           # default: [0, 1] (quick) or [0, 1, 2] (full)
                  resume: bool = True,                      # reuse finished runs of the same config, resume interrupted ones
+                 protocols: dict | None = None,            # benchmark -> extra protocols (default: EXTRA_PROTOCOLS in full mode)
                 ) -> dict:
-    "Train and evaluate the bi-encoder baselines over several seeds; write JSON + markdown tables to `out_dir`."
+    "Train and evaluate the bi-encoder baselines over several seeds; write JSON + markdown tables and curves to `out_dir`."
     seeds = mode_seeds(mode, seeds)
     benchmarks = benchmarks or (["emoji-scenes"] if mode == "quick" else list(BASELINE_BENCHMARKS))
+    protocols = (EXTRA_PROTOCOLS if mode == "full" else {}) if protocols is None else protocols
     out_dir = Path(out_dir)
     results, t0 = [], time.perf_counter()
     for bench in benchmarks:
-        for loss in losses:
-            cfg = baseline_config(bench, loss, mode)
-            res = train_seeds(cfg, seeds, out_dir / "biencoder" / bench / loss, resume=resume)
-            results.append({"benchmark": bench, "loss": loss, "preset": cfg.data.preset, "seeds": seeds,
-                            "mean_std": res["mean_std"], "runs": res["runs"], "pairs_per_s": res["pairs_per_s"],
-                            "train_time_s": res["train_time_s"],
-                            "config": str(Path("biencoder") / bench / loss / "config.json")})
+        for proto in (None, *protocols.get(bench, ())):
+            for loss in losses:
+                cfg = baseline_config(bench, loss, mode, proto)
+                folder = out_dir / "biencoder" / row_name(bench, proto) / loss
+                res = train_seeds(cfg, seeds, folder, resume=resume)
+                test = load_split(cfg.data, "test")
+                per = [seed_results(folder / f"seed{s}", test) for s in seeds]
+                results.append({"benchmark": row_name(bench, proto), "loss": loss, "preset": cfg.data.preset, "seeds": seeds,
+                                "mean_std": aggregate_seeds([p["test"] for p in per]), "runs": [p["test"] for p in per],
+                                "convergence": [p["convergence"] for p in per], "val_curves": [p["val_curve"] for p in per],
+                                "chance": chance_metrics(test.text_to_visual, test.n_visual),
+                                "pairs_per_s": res["pairs_per_s"], "train_time_s": res["train_time_s"],
+                                "config": str(folder.relative_to(out_dir) / "config.json")})
     info = {"mode": mode, "seeds": seeds, "split": "test", "wall_time_s": time.perf_counter() - t0,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (shared machine: timings vary)"}
-    doc = {**info, "results": results}
+    doc = {**info, "results": results, "figures": {"curves": "biencoder/curves.png"}}
+    save_figure(plot_val_curves(doc), out_dir / "biencoder" / "curves.png")
     with atomic_path(out_dir / "biencoder.json") as tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    md = [f"# Bi-encoder baseline ({mode} mode, test split, mean ± std over seeds {seeds})", ""]
-    for bench in benchmarks:
-        rows = {LOSS_NAMES[r["loss"]]: format_mean_std({k: tuple(v) for k, v in r["mean_std"].items()})
-                for r in results if r["benchmark"] == bench}
-        preset = next(r["preset"] for r in results if r["benchmark"] == bench)
-        md += [f"## {bench} ({preset} preset)", "", markdown_table(rows), ""]
-    md += [f"Configs: `biencoder/<benchmark>/<loss>/config.json`; per-seed runs beside them. {info['machine']}.", ""]
-    with atomic_path(out_dir / "biencoder.md") as tmp: tmp.write_text("\n".join(md))
+    with atomic_path(out_dir / "biencoder.md") as tmp: tmp.write_text(baseline_markdown(doc))
     return doc
+
+# %% ../../nbs/30_repro.baseline.ipynb #7fd6d140
+def plot_val_curves(doc: dict):
+    "Validation RSUM per epoch of every run of a baseline result, one panel per benchmark."
+    benches = list(dict.fromkeys(r["benchmark"] for r in doc["results"]))
+    fig, axes = plt.subplots(1, len(benches), figsize=(3.6 * len(benches), 2.8), squeeze=False)
+    for ax, b in zip(axes[0], benches):
+        for n, r in enumerate(x for x in doc["results"] if x["benchmark"] == b):
+            for s, curve, conv in zip(r["seeds"], r["val_curves"], r["convergence"]):
+                e, v = zip(*curve)
+                line, = ax.plot(e, v, color=f"C{n}", lw=1, alpha=0.8, label=LOSS_NAMES[r["loss"]] if s == r["seeds"][0] else None)
+                ax.plot([conv["best_epoch"]], [conv["best_val_RSUM"]], "o", color=line.get_color(), ms=3)
+        ax.set_title(b, fontsize=9); ax.set_xlabel("epoch", fontsize=8); ax.tick_params(labelsize=7); ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("validation RSUM", fontsize=8); axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+def baseline_markdown(doc: dict) -> str:
+    "The baseline tables: standard and plausible metrics per benchmark, the chance level and the convergence check."
+    md = [f"# Bi-encoder baseline ({doc['mode']} mode, test split, mean ± std over seeds {doc['seeds']})", ""]
+    for b in dict.fromkeys(r["benchmark"] for r in doc["results"]):
+        rs = [r for r in doc["results"] if r["benchmark"] == b]
+        rows = {LOSS_NAMES[r["loss"]]: r["mean_std"] for r in rs}
+        rows["random ranking (expected)"] = rs[0]["chance"]
+        md += [f"## {b} ({rs[0]['preset']} preset)", "", markdown_table(rows), "",
+               "Plausibility-aware (R-Precision and mAP@R over every item a caption is true of; misses: share of the "
+               "standard R@1 misses whose top-1 is in fact a true match):", "",
+               markdown_table({LOSS_NAMES[r["loss"]]: r["mean_std"] for r in rs}, PLAUSIBLE_KEYS), "",
+               "Convergence (validation RSUM): " + "; ".join(
+                   f"{LOSS_NAMES[r['loss']]}: best epochs {[c['best_epoch'] for c in r['convergence']]} of {r['convergence'][0]['epochs']}, "
+                   f"gain in the last 10 % of epochs {max(c['gain_last_10pct'] for c in r['convergence']):+.1f} at most"
+                   for r in rs) + ".", ""]
+    md += ["![validation curves](biencoder/curves.png)", "",
+           f"Configs: `biencoder/<benchmark>/<loss>/config.json`; per-seed runs beside them. {doc['machine']}.", ""]
+    return "\n".join(md)
