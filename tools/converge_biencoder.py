@@ -23,16 +23,16 @@ import time
 from pathlib import Path
 
 from xmretrieval.core import atomic_path
-from xmretrieval.metrics import plausible_metrics
+from xmretrieval.metrics import chance_metrics, plausible_metrics
 from xmretrieval.checkpoint import load_config, load_split
-from xmretrieval.train import Trainer
+from xmretrieval.train import Trainer, _canonical, _config_diff, convergence
 
 
 def run_point(cfg, out: Path, data: dict) -> dict:
     "One sweep point: train (or reuse a finished run) and return its summary with its validation history."
     if (out / "metrics.json").exists() and (out / "history.json").exists():
         s = json.loads((out / "metrics.json").read_text())
-        if s["config"] == cfg.to_dict():
+        if not _config_diff(_canonical(s["config"]), _canonical(cfg.to_dict())):   # same run (old key names mapped)
             return {**s, "history": json.loads((out / "history.json").read_text()), "reused": True}
     resume = (out / "last.safetensors").exists()
     tr = Trainer(cfg, out, resume=resume, **data)
@@ -42,14 +42,6 @@ def run_point(cfg, out: Path, data: dict) -> dict:
     s["test_plausible"] = plausible_metrics(tr.model.score(t, v), test.text_to_visual, test.match_indptr, test.match_indices)
     with atomic_path(out / "metrics.json") as tmp: tmp.write_text(json.dumps(s, indent=1, default=str))
     return {**s, "history": tr.history, "reused": False}
-
-
-def chance_rsum(d) -> float:
-    "Expected RSUM of a random ranking: t2v R@k = k/n_v; v2t R@k = 1 - C(n_t - p, k) / C(n_t, k) with p captions per item."
-    n_v, n_t = d.n_visual, d.n_text
-    p = n_t // n_v
-    v2t = lambda k: 1 - math.prod((n_t - p - i) / (n_t - i) for i in range(k))
-    return round(sum(100 * (k / n_v + v2t(k)) for k in (1, 5, 10)), 2)
 
 
 def main():
@@ -88,14 +80,16 @@ def main():
         print(f"lr {lr} epochs {ep}: best epoch {r['best_epoch']}, val RSUM {r['val'].get('RSUM', float('nan')):.1f}, "
               f"test RSUM {r['test']['RSUM']:.1f} (" + ("reused" if r["reused"] else f"{r['wall_s']} s") + ")", flush=True)
         results.append(r)
-    best = max(results, key=lambda r: r["val"]["RSUM"])
+    for r in results: r["convergence"] = convergence(r["history"], r["epochs"])
+    plateaued = [r for r in results if r["convergence"]["plateau"]]
+    best = max(plateaued or results, key=lambda r: r["val"]["RSUM"])   # the best plateaued run on validation
     rows = [{"lr": r["lr"], "epochs": r["epochs"], "best_epoch": r["best_epoch"],
-             "best_in_last_10pct": r["best_epoch"] > 0.9 * r["epochs"], "val_RSUM": r["val"]["RSUM"],
-             "test_RSUM": r["test"]["RSUM"], "train_time_s": r["train_time_s"]} for r in results]
+             "gain_last_10pct": r["convergence"]["gain_last_10pct"], "plateau": r["convergence"]["plateau"],
+             "val_RSUM": r["val"]["RSUM"], "test_RSUM": r["test"]["RSUM"], "train_time_s": r["train_time_s"]} for r in results]
     doc = {"preset": a.preset, "data": base.data.to_dict(), "seed": a.seed, "sweep": rows,
            "selected": {"lr": best["lr"], "epochs": best["epochs"], "best_epoch": best["best_epoch"],
                         "val": best["val"], "test": best["test"], "test_plausible": best["test_plausible"]},
-           "chance_RSUM": chance_rsum(data["test_data"]), "machine": "shared 2-core CPU (other jobs running)"}
+           "chance_RSUM": round(chance_metrics(data["test_data"].text_to_visual, data["test_data"].n_visual)["RSUM"], 2), "machine": "shared 2-core CPU (other jobs running)"}
     with atomic_path(out / "summary.json") as tmp: tmp.write_text(json.dumps(doc, indent=1, default=str))
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -113,9 +107,11 @@ def main():
     sel = doc["selected"]
     md = [f"# {a.preset} trained to convergence on {base.data.benchmark} ({base.data.preset}), seed {a.seed}", "",
           "Sweep on validation (one run per point, cosine schedule over the given epochs; the best-validation "
-          "checkpoint of each run is kept). Selected by validation RSUM only.", "",
-          "| lr | epochs | best epoch | best in last 10 % | val RSUM | test RSUM | train s |", "|---:|---:|---:|---|---:|---:|---:|"]
-    md += [f"| {r['lr']:g} | {r['epochs']} | {r['best_epoch']} | {r['best_in_last_10pct']} | {r['val_RSUM']:.1f} | "
+          "checkpoint of each run is kept). Selected: the highest validation RSUM among the runs whose validation "
+          "curve plateaued (the last 10 % of epochs gain at most 1 RSUM point over the best before them, "
+          "`xmretrieval.train.convergence`); test numbers are never used to choose.", "",
+          "| lr | epochs | best epoch | gain in last 10 % | plateau | val RSUM | test RSUM | train s |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
+    md += [f"| {r['lr']:g} | {r['epochs']} | {r['best_epoch']} | {r['gain_last_10pct']:+.1f} | {r['plateau']} | {r['val_RSUM']:.1f} | "
            f"{r['test_RSUM']:.1f} | {r['train_time_s']:.0f} |" for r in rows]
     md += ["", f"Selected: lr {sel['lr']:g}, {sel['epochs']} epochs (best epoch {sel['best_epoch']}). Test "
            f"(the selected run's best-validation checkpoint; chance RSUM {doc['chance_RSUM']}):", "",
