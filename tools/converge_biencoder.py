@@ -1,14 +1,18 @@
 """Train a bi-encoder preset to convergence on an emoji benchmark: a small sweep on validation, curves, test metrics.
 
 Each sweep point is one `Trainer` run (one seed) written to OUT/lr{lr}_ep{epochs}/ (resumable: a finished run is
-reused). The run with the best validation RSUM is selected (validation only), its test metrics (standard and
-plausible, `metrics.plausible_metrics`) are reported, and every validation curve is drawn in OUT/val_curves.png.
-Usage (the commands behind results/biencoder_converge_scenes/ and results/biencoder_converge_video_small/):
+reused). Its test metrics (standard and plausible, `metrics.plausible_metrics`) are reported, and every
+validation curve is drawn in OUT/val_curves.png.
+The run with the highest validation RSUM among those whose curve plateaued is selected. Usage (the commands
+behind results/biencoder_converge_*/; each preset's lr and epochs are the selected point):
 
-    OMP_NUM_THREADS=1 python tools/converge_biencoder.py --preset biencoder_vsepp_scenes \\
-        --sweep 2e-4:200 4e-4:100 2e-4:100 1e-4:200 --threads 1 --out results/biencoder_converge_scenes
-    OMP_NUM_THREADS=1 python tools/converge_biencoder.py --preset biencoder_vsepp_video --data-preset small \\
-        --sweep 2e-4:300 --threads 1 --out results/biencoder_converge_video_small
+    P="python tools/converge_biencoder.py --threads 1"      # with OMP_NUM_THREADS=1
+    $P --preset biencoder_vsepp_scenes --sweep 2e-4:200 4e-4:100 2e-4:100 1e-4:200 --out results/biencoder_converge_scenes
+    $P --preset biencoder_infonce_scenes --sweep 1e-3:100 5e-4:150 2e-4:200 --out results/biencoder_converge_infonce_scenes
+    $P --preset biencoder_vsepp_video --data-preset small --sweep 2e-4:300 2e-4:100 --out results/biencoder_converge_video_small
+    $P --preset biencoder_infonce_video --data-preset small --sweep 2e-4:100 1e-3:100 --out results/biencoder_converge_infonce_video_small
+    $P --preset biencoder_vsepp_objects --sweep 2e-4:100 2e-4:200 --out results/biencoder_converge_objects
+    $P --preset biencoder_infonce_objects --sweep 2e-4:100 1e-3:100 --out results/biencoder_converge_infonce_objects
 
 Sweep points may run in separate processes on the same --out (each writes its own lr*_ep* folder); a last call
 with every point reuses the finished runs and writes the summary (summary.json/.md, val_curves.png). On a
