@@ -147,6 +147,9 @@ def reproduce(mode: str = "full",                       # "full" (make reproduce
         f"torch {torch.__version__}; every number comes with its config in `results/`._\n")
     with atomic_path(out_dir/"SUMMARY.md") as tmp: tmp.write_text(summary)
     in_readme = re.sub(r"^(#+) ", r"##\1 ", summary, flags=re.M)  # below the README's "## Results"
+    if readme is not None:   # figure links are relative to out_dir; make them relative to the README
+        rel = Path(os.path.relpath(out_dir, Path(readme).parent)).as_posix()
+        in_readme = re.sub(r"\]\((?![a-z]+://|/)([^)]+\.png)\)", lambda m: f"]({rel}/{m.group(1)})", in_readme)
     if readme is not None and mode == "full" and not update_readme(readme, in_readme):
         print(f"note: {readme} has no results markers; not updated")
     return summary
