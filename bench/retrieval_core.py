@@ -152,14 +152,18 @@ def bench_exact_and_ivf(n, nq, d, k, n_centers, nlist, nprobes, repeats):
     return exact, ivf_res
 
 
-def bench_set_search(m, K, d, nq, k, n_centers, nlist, settings, repeats):
+def _set_search_data(m, K, d, nq, k, n_centers, repeats, what):
+    "Clustered sets and queries, and the exhaustive Smooth-Chamfer reference: (sets, q, top-k ids, times, q/s)."
     sets, centers = clustered_unit_sets(m, K, d, n_centers, SPREAD, seed=0)
     q, _ = clustered_unit_sets(nq, K, d, n_centers, SPREAD, seed=1, centers=centers)
-    log(f"set search: {nq} queries x {m} sets x K={K} x {d}")
+    log(f"{what}: {nq} queries x {m} sets x K={K} x {d}")
     exhaustive = lambda: smooth_chamfer(q, sets).topk(k)
     t_ex = timed({"exhaustive": exhaustive}, repeats)["exhaustive"]
-    ex_s, ex_i = exhaustive()
-    qps_ex = nq / med(t_ex)
+    return sets, q, exhaustive()[1], t_ex, nq / med(t_ex)
+
+
+def bench_set_search(m, K, d, nq, k, n_centers, nlist, settings, repeats):
+    sets, q, ex_i, t_ex, qps_ex = _set_search_data(m, K, d, nq, k, n_centers, repeats, "set search")
     log(f"  exhaustive Smooth-Chamfer: {qps_ex:.1f} q/s")
     rows, built = [], {}
     for element_k, nprobe in settings:
@@ -189,13 +193,7 @@ def bench_set_search(m, K, d, nq, k, n_centers, nlist, settings, repeats):
 
 def bench_set_search_hnsw(m, K, d, nq, k, n_centers, hnsw_m, element_ks, repeats):
     "The set search with an HNSW first stage (ef_search = element_k): recall@10 and speed vs exhaustive Smooth-Chamfer."
-    sets, centers = clustered_unit_sets(m, K, d, n_centers, SPREAD, seed=0)
-    q, _ = clustered_unit_sets(nq, K, d, n_centers, SPREAD, seed=1, centers=centers)
-    log(f"set search, HNSW first stage: {nq} queries x {m} sets x K={K} x {d}")
-    exhaustive = lambda: smooth_chamfer(q, sets).topk(k)
-    t_ex = timed({"exhaustive": exhaustive}, repeats)["exhaustive"]
-    ex_s, ex_i = exhaustive()
-    qps_ex = nq / med(t_ex)
+    sets, q, ex_i, t_ex, qps_ex = _set_search_data(m, K, d, nq, k, n_centers, repeats, "set search, HNSW first stage")
     t0 = time.perf_counter()
     idx = SetEmbeddingIndex(d, SetIndexConfig(element=IndexConfig(backend="hnsw", hnsw_m=hnsw_m), element_k=element_ks[0])).add(sets)
     build = time.perf_counter() - t0

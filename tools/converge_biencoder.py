@@ -29,14 +29,14 @@ from pathlib import Path
 from xmretrieval.core import atomic_path
 from xmretrieval.metrics import chance_metrics, plausible_metrics
 from xmretrieval.checkpoint import load_config, load_split
-from xmretrieval.train import Trainer, _canonical, _config_diff, convergence
+from xmretrieval.train import Trainer, config_changes, convergence
 
 
 def run_point(cfg, out: Path, data: dict) -> dict:
     "One sweep point: train (or reuse a finished run) and return its summary with its validation history."
     if (out / "metrics.json").exists() and (out / "history.json").exists():
         s = json.loads((out / "metrics.json").read_text())
-        if not _config_diff(_canonical(s["config"]), _canonical(cfg.to_dict())):   # same run (old key names mapped)
+        if not config_changes(s["config"], cfg.to_dict()):   # same run (old key names mapped)
             return {**s, "history": json.loads((out / "history.json").read_text()), "reused": True}
     resume = (out / "last.safetensors").exists()
     tr = Trainer(cfg, out, resume=resume, **data)

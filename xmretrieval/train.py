@@ -32,8 +32,8 @@ from .checkpoint import (CHECKPOINT_FORMAT, PRESETS_DIR, DataConfig, OptimConfig
                                     evaluate, load_checkpoint, load_config, load_split, read_checkpoint, save_checkpoint)
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'epoch_batches', 'shard_batch', 'param_groups', 'lr_factor', 'TrainingError', 'init_distributed',
-           'peak_memory_mb', 'Trainer', 'train_seeds', 'convergence']
+__all__ = ['RUN_FILES', 'epoch_batches', 'shard_batch', 'param_groups', 'lr_factor', 'TrainingError', 'config_changes',
+           'init_distributed', 'peak_memory_mb', 'Trainer', 'train_seeds', 'convergence']
 
 # %% ../nbs/08_train.ipynb #78041996
 def epoch_batches(text_to_visual: Tensor,   # (n_text,) item of each caption
@@ -128,6 +128,10 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         if isinstance(va, dict) and isinstance(vb, dict): out += _config_diff(va, vb, f"{prefix}{k}.")
         elif va != vb: out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
     return out
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    "What differs between two TrainConfig dicts ('key: old -> new'), old key names mapped and defaults filled; device, progress and threads ignored."
+    return _config_diff(_canonical(old), _canonical(new))
 
 def init_distributed() -> tuple[int, int]:
     "(rank, world_size); joins the torchrun process group (gloo on CPU, NCCL on CUDA) when WORLD_SIZE > 1."
@@ -329,7 +333,7 @@ def _resume(self: Trainer, model, opt, sched) -> dict:
     tensors, meta = read_checkpoint(path)
     if meta["model_name"] != self.config.model:
         raise CheckpointError(f"cannot resume: {str(path)!r} holds a {meta['model_name']!r} model, the config asks for {self.config.model!r}")
-    diff = _config_diff(_canonical(json.loads(meta["train_config"])), _canonical(self.config.to_dict()))
+    diff = config_changes(json.loads(meta["train_config"]), self.config.to_dict())
     if diff: raise CheckpointError(f"cannot resume {str(path)!r} with a different config: {'; '.join(diff)}")
     _load_weights(model, tensors, path)
     _load_optimizer(opt, tensors, meta)
@@ -358,7 +362,7 @@ def train_seeds(config: TrainConfig,
         again = resume and (d / "last.safetensors").exists()
         if again and (d / "metrics.json").exists():       # a finished run: reuse it if it has the same config
             done = json.loads((d / "metrics.json").read_text())
-            diff = _config_diff(_canonical(done["config"]), _canonical(config.replace(seed=s).to_dict()))
+            diff = config_changes(done["config"], config.replace(seed=s).to_dict())
             if diff: raise CheckpointError(f"{str(d)!r} holds a finished run of another config ({'; '.join(diff)}); "
                                            "delete it or choose another out_dir")
             runs.append(done); continue
