@@ -1,6 +1,6 @@
 """Retrieve-and-rerank benchmark: cross-encoder passes and per-query time of BE, CE-only and Coop (K=20).
 
-Usage: python bench/rerank.py [--quick]   -> bench/results/rerank.json
+Usage: python bench/rerank.py [--quick] [--out FILE]   -> bench/results/rerank.json
 
 A 1,000-item gallery: the emoji-scenes `full` test split (1,000 scenes, 49 x 1280 grid features) if it is in
 the benchmark cache, else synthetic features of exactly that shape (the cost depends only on the shapes: the
@@ -11,8 +11,11 @@ Text queries (t2v), one query at a time as a search service sees them:
 - Coop K=20: BE top-20, then the cross-encoder scores those 20 (`retrieve_and_rerank`).
 Two backbones: the tiny preset's model (2 layers, 64 wide) and the packaged MiniLM (6 layers, 384 wide, the
 emoji presets' backbone). The gallery's BE embeddings are computed once beforehand (not timed). The three
-methods alternate query by query in one process; medians over the queries. The machine is shared with other
-jobs while this runs: timings vary by +-30%; compare the ratios.
+methods alternate query by query in one process; medians over the queries. The measurement is
+`xmretrieval.repro.rerank.query_costs`, which the reproduction also runs on its test split; each run also
+records `search_s_per_item`, exact search's seconds per item and query on 100,000 random vectors of the
+model's width, the slope with which `extrapolate_costs` takes BE and Coop to 1M items. The machine is
+shared with other jobs while this runs: timings vary by +-30%; compare the ratios.
 """
 from __future__ import annotations
 
@@ -20,9 +23,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -55,52 +56,27 @@ def model(kind: str, visual_dim: int):
     return RerankModel(cfg).eval()
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 @torch.no_grad()
 def bench_backbone(kind: str, feats, mask, captions, n_queries: int, n_ce_queries: int, k: int, batch_size: int) -> dict:
-    from xmretrieval.index import Gallery
-    from xmretrieval.models.rerank import CrossEncoderReranker, retrieve_and_rerank
+    from xmretrieval.repro.rerank import exact_search_seconds_per_item, query_costs
     m = model(kind, feats.shape[-1])
-    emb = torch.cat([m.encode_visual({"visual_local": feats[i:i + 128]}) for i in range(0, len(feats), 128)])
-    gallery = Gallery(emb)
-    rr = CrossEncoderReranker(m, feats, mask, batch_size=batch_size)
     queries = captions[:: max(1, len(captions) // n_queries)][:n_queries]
-    times = {"BE": [], "CE-only": [], f"Coop K={k}": []}
-    passes = {}
-
-    def be(q): gallery.search(m.encode_text({"captions": [q]}), 10)
-    def coop(q): retrieve_and_rerank(gallery, m.encode_text({"captions": [q]}), [q], rr, k=k)
-    def ce(q): rr.rank([q], top_k=10)
-
-    be(queries[0]); coop(queries[0])                     # warm-up
-    for i, q in enumerate(queries):
-        times["BE"].append(timed(lambda: be(q)))
-        p0 = rr.passes
-        times[f"Coop K={k}"].append(timed(lambda: coop(q)))
-        passes[f"Coop K={k}"] = rr.passes - p0
-        if i < n_ce_queries:
-            p0 = rr.passes
-            times["CE-only"].append(timed(lambda: ce(q)))
-            passes["CE-only"] = rr.passes - p0
-    passes["BE"] = 0
-    med = {name: statistics.median(t) for name, t in times.items()}
+    costs = query_costs(m, m, feats, mask, queries, k=k, n_ce_queries=n_ce_queries, batch_size=batch_size)
+    costs["search_s_per_item"] = exact_search_seconds_per_item(m.transformer.config.hidden_size)
+    passes, med, coop = costs["ce_passes_per_query"], costs["median_s_per_query"], f"Coop K={k}"
     return {"backbone": kind, "hidden": m.transformer.config.hidden_size, "layers": m.transformer.config.num_hidden_layers,
-            "gallery": len(feats), "ce_passes_per_query": passes,
-            "median_s_per_query": med, "queries_timed": {n: len(t) for n, t in times.items()},
-            "ce_pass_ratio_ce_only_over_coop": passes["CE-only"] / passes[f"Coop K={k}"],
-            "speedup_coop_over_ce_only": med["CE-only"] / med[f"Coop K={k}"],
-            "slowdown_coop_over_be": med[f"Coop K={k}"] / med["BE"]}
+            **costs,
+            "ce_pass_ratio_ce_only_over_coop": passes["CE-only"] / passes[coop],
+            "speedup_coop_over_ce_only": med["CE-only"] / med[coop],
+            "slowdown_coop_over_be": med[coop] / med["BE"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny backbone only, few queries")
+    ap.add_argument("--out", default=str(OUT), help=f"result file (default {OUT.relative_to(ROOT)})")
     args = ap.parse_args()
+    out = Path(args.out)
     torch.set_num_threads(int(os.environ.get("XMR_BENCH_THREADS", "2")))
     feats, mask, captions, source = gallery_data(1000)
     runs = [bench_backbone("tiny", feats, mask, captions, n_queries=4 if args.quick else 20,
@@ -113,11 +89,11 @@ def main() -> None:
                       f"torch {torch.__version__}; shared with other jobs while measured (timings +-30%)",
            "command": " ".join(["python", "bench/rerank.py", *sys.argv[1:]])}
     from xmretrieval.core import atomic_path
-    with atomic_path(OUT) as tmp: tmp.write_text(json.dumps(res, indent=2) + "\n")
+    with atomic_path(out) as tmp: tmp.write_text(json.dumps(res, indent=2) + "\n")
     for r in runs:
         print(r["backbone"], {k: f"{v * 1000:.1f} ms" for k, v in r["median_s_per_query"].items()},
               "passes", r["ce_passes_per_query"], f"Coop/CE-only speed-up x{r['speedup_coop_over_ce_only']:.1f}")
-    print(f"-> {OUT}")
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

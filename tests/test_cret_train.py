@@ -47,7 +47,7 @@ def test_tiny_preset_trains_from_the_cli_and_reloads(tmp_path, one_thread):
 def test_emoji_video_preset_validates():
     cfg = load_config("cret_emoji_video")
     mc = cfg.model_config_obj()
-    assert (cfg.data.benchmark, cfg.data.preset) == ("emoji-video", "full")
+    assert (cfg.data.benchmark, cfg.data.preset) == ("emoji-video", "small")
     assert mc.train_frames == 4 and mc.test_frames == 0 and mc.temporal_layers == 3 and mc.max_frames >= 16
 
 

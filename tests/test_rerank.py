@@ -1,5 +1,6 @@
 """xmretrieval.models.rerank: golden cross-encoder inputs, one parameter set for Joint, Coop = CE-only at K = gallery
-size, a short tiny-preset run in which the cross-encoder separates positives from negatives, bad input, presets."""
+size, a short tiny-preset run in which the cross-encoder separates positives from negatives, bad input, presets;
+xmretrieval.repro.rerank: the cost per query and its extrapolation, other first stages + the cross-encoder."""
 import json
 import warnings
 from pathlib import Path
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from xmretrieval.core import ConfigError, DataError, ShapeError, XMRError
+from xmretrieval.core import CheckpointError, ConfigError, DataError, ShapeError, XMRError
 from xmretrieval.data.core import load_benchmark, save_data
 from xmretrieval.index import Gallery
 from xmretrieval.metrics import retrieval_metrics
@@ -119,6 +120,67 @@ def test_any_first_stage_through_the_gallery(preset, one_thread):
     # Coop metrics from the model's own score matrix, both directions, any K
     mets = coop_metrics(first.score(t, v), m, data, k=5)
     assert mets["ce_passes"] == 5 * (data.n_text + data.n_visual) and 0 <= mets["RSUM"] <= 600
+
+
+def test_query_costs_and_their_extrapolation(one_thread):
+    from xmretrieval.repro.rerank import exact_search_seconds_per_item, extrapolate_costs, query_costs
+    data = load_benchmark("emoji-scenes", "tiny", "test").subset(range(12))
+    m = tiny()
+    costs = query_costs(m, m, data.visual_local, data.visual_mask, list(data.captions[:3]), k=4, n_ce_queries=1)
+    assert costs["ce_passes_per_query"] == {"BE": 0, "Coop K=4": 4, "CE-only": 12}
+    assert costs["queries_timed"] == {"BE": 3, "CE-only": 1, "Coop K=4": 3}
+    slope = exact_search_seconds_per_item(32, n=5000, n_queries=2)
+    assert slope > 0
+    ex, med = extrapolate_costs(costs, 12_000, search_s_per_item=slope)["methods"], costs["median_s_per_query"]
+    assert ex["CE-only"] == {"ce_passes": 12_000, "s": pytest.approx(med["CE-only"] * 1000)}
+    assert ex["Coop K=4"]["ce_passes"] == 4 and ex["BE"]["ce_passes"] == 0
+    growth = slope * (12_000 - 12)    # BE and Coop pay the same first-stage growth
+    assert ex["BE"]["s"] == pytest.approx(med["BE"] + growth) and ex["Coop K=4"]["s"] == pytest.approx(med["Coop K=4"] + growth)
+    # the benchmark file: without a recorded slope, all of BE's time is scaled (an upper bound)
+    bench = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / "rerank.json").read_text())
+    for r in bench["runs"]:
+        e = extrapolate_costs(r)
+        assert e["methods"]["CE-only"]["ce_passes"] == 1_000_000 and e["methods"][f"Coop K={bench['k']}"]["ce_passes"] == bench["k"]
+        if "search_s_per_item" not in r:
+            assert e["search_slope"].startswith("upper bound")
+            assert e["methods"]["BE"]["s"] == pytest.approx(r["median_s_per_query"]["BE"] * 1_000_000 / r["gallery"])
+
+
+@pytest.mark.parametrize("preset", ["biencoder_tiny", "dive_tiny"])
+def test_other_first_stages_with_the_cross_encoder(preset, one_thread):
+    "K=1 keeps the first stage's ranking; K = every candidate is CE-only's, whatever the first stage; other splits refused."
+    from xmretrieval.checkpoint import load_config as load
+    from xmretrieval.models.base import get_model_class
+    from xmretrieval.repro.rerank import combination_metrics
+    full = load_benchmark("emoji-scenes", "tiny", "test")
+    data = full.subset(range(12))
+    cfg = load(preset)
+    cls = get_model_class(cfg.model)
+    torch.manual_seed(0)
+    first = cls(cls.config_for_data(cls.config_class.from_dict(cfg.model_config), data)).eval()
+    m = tiny()
+    one, every = combination_metrics({"f": first}, m, data, k=1), combination_metrics({"f": first}, m, data, k=data.n_text)
+    ce = retrieval_metrics(ce_score_matrix(m, data), data.text_to_visual)
+    for key in ("t2v/R@1", "v2t/R@1", "t2v/MnR", "RSUM"):
+        assert one["f + CE (K=1)"][key] == pytest.approx(one["f"][key], abs=1e-6), key
+        assert every[f"f + CE (K={data.n_text})"][key] == pytest.approx(ce[key], abs=1e-6), key
+    assert one["f + CE (K=1)"]["ce_passes"] == data.n_text + data.n_visual and one["f"]["ce_passes"] == 0
+    with pytest.raises(DataError, match="cannot be combined .*: the visual items differ"):
+        combination_metrics({"f": first}, m, data, first_data={"f": full.subset(range(1, 13))})
+
+
+def test_load_first_stage_from_a_train_seeds_folder(tmp_path, one_thread):
+    from xmretrieval.checkpoint import load_split
+    from xmretrieval.repro.rerank import load_first_stage, split_mismatch
+    from xmretrieval.train import train_seeds
+    train_seeds(load_config("biencoder_tiny").replace(epochs=1), [0], tmp_path / "bi")
+    model, cfg = load_first_stage(tmp_path / "bi", seed=0)
+    assert cfg.model == "biencoder" and not model.training
+    test = load_benchmark("emoji-scenes", "tiny", "test")
+    assert split_mismatch(load_split(cfg.data, "test"), test) is None
+    assert "has 12 items / 60 captions" in split_mismatch(test.subset(range(12)), test)
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_first_stage(tmp_path / "bi", seed=1)
 
 
 def pair_probs(model, data, seed=0):

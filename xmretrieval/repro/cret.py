@@ -21,17 +21,18 @@ from torch import nn
 from ..checkpoint import evaluate, load_checkpoint, load_config, load_split, reproduction_config
 from ..core import ConfigError, ShapeError, atomic_path, fork_rng, make_generator
 from ..encoders import masked_mean
-from ..metrics import retrieval_metrics
+from ..metrics import aggregate_seeds, chance_metrics, paired_difference, paired_sentence, retrieval_metrics
 from ..models.cret import Cret, CretConfig, CretIndex, cret_similarity
-from .dive import chance_metrics, embed_first_items, tsne_2d
+from .baseline import PLAUSIBLE_KEYS, seed_results
+from .dive import embed_first_items, tsne_2d
 from ..reproduce import mode_seeds, register_reproduction, save_figure
 from ..train import train_seeds
 
 # %% auto #0
-__all__ = ['PUBLISHED', 'MAIN_VARIANTS', 'CLAIMS', 'MAIN_KEYS', 'CLAIM_KEYS', 'BENCHMARK_PRESETS', 'cret_config',
-           'ablation_variants', 'eval_at_frames', 'beta_sweep', 'paired_differences', 'center_redundancy',
-           'mardia_test', 'henze_zirkler_test', 'normality_power', 'gaussian_validation', 'plot_qq', 'retrieval_cost',
-           'plot_tsne', 'plot_center_attention', 'cret_markdown', 'run_cret_reproduction']
+__all__ = ['PUBLISHED', 'MAIN_VARIANTS', 'CLAIMS', 'MAIN_KEYS', 'CLAIM_KEYS', 'BENCHMARK_PRESETS', 'ABLATION_SCHEDULE',
+           'cret_config', 'ablation_variants', 'eval_at_frames', 'beta_sweep', 'paired_claims', 'plot_val_curves',
+           'center_redundancy', 'mardia_test', 'henze_zirkler_test', 'normality_power', 'gaussian_validation',
+           'plot_qq', 'retrieval_cost', 'plot_tsne', 'plot_center_attention', 'cret_markdown', 'run_cret_reproduction']
 
 # %% ../../nbs/32_repro.cret.ipynb #aa9641a1
 PUBLISHED = {
@@ -55,6 +56,10 @@ CLAIM_KEYS = ("t2v/R@1", "t2v/R@5", "t2v/R@10", "RSUM")
 
 BENCHMARK_PRESETS = {"emoji-video": "cret_emoji_video"}
 
+# full mode: the ablations (3 seeds each) train on a shorter schedule than the main table, against a default CRET
+# trained on the same schedule (the main table's preset x 15 variants x 3 seeds does not fit 2 CPU cores)
+ABLATION_SCHEDULE = dict(epochs=20, eval_every=2)
+
 def cret_config(mode: str = "full",              # "quick" (cret_tiny, fewer epochs) or "full" (the benchmark's preset)
                 benchmark: str = "emoji-video",  # a benchmark with a CRET preset (BENCHMARK_PRESETS)
                 **model_changes,                 # CretConfig overrides, e.g. global_loss="mean"
@@ -66,8 +71,8 @@ def ablation_variants(mode: str = "full") -> dict[str, dict]:
     "Name -> CretConfig changes of every ablation run; the default CRET of the main table is the reference of each."
     v = {"loss_frames": dict(global_loss="frames"), "loss_mean": dict(global_loss="mean"),
          "separate_decoders": dict(shared_decoder=False)}
-    centers = (1, 4, 16) if mode == "full" else (1,)
-    frames = (2, 8, 16) if mode == "full" else (2, 16)
+    centers = (1, 16) if mode == "full" else (1,)   # around the default K = 8
+    frames = (2, 16)                                 # sparse and dense around the default 4
     v.update({f"centers_{k}": dict(num_centers=k) for k in centers})
     for n in frames:
         v[f"train_frames_{n}"] = dict(train_frames=n)
@@ -98,15 +103,24 @@ def beta_sweep(model: Cret, data, betas=(0.0, 0.25, 0.5, 1.0, 2.0, 4.0)) -> dict
     t, v = model.embed(data)
     return {f"{b:g}": retrieval_metrics(cret_similarity(t, v, b), data.text_to_visual) for b in betas}
 
-def paired_differences(runs: dict[str, list[dict]],   # variant -> per-seed metric dicts (same seeds, same order)
-                       claims=CLAIMS, keys=CLAIM_KEYS) -> dict[str, dict]:
-    "Per-seed differences a - b for each claimed gain (a over b): the differences, their mean and the seeds where a wins."
-    out = {}
-    for a, b in claims:
-        d = {k: [ra[k] - rb[k] for ra, rb in zip(runs[a], runs[b])] for k in keys}
-        out[f"{a} vs {b}"] = {k: {"per_seed": v, "mean": float(np.mean(v)), "wins": int(sum(x > 0 for x in v)), "n": len(v)}
-                              for k, v in d.items()}
-    return out
+def paired_claims(runs: dict[str, list[dict]],   # variant -> per-seed metric dicts (same seeds, same order)
+                 claims=CLAIMS, keys=CLAIM_KEYS) -> dict[str, dict]:
+    "For each claimed gain (a over b) and metric: `metrics.paired_difference` over the seeds (holds: wins every seed by more than the noise)."
+    return {f"{a} vs {b}": {k: paired_difference(runs[a], runs[b], k) for k in keys} for a, b in claims}
+
+def plot_val_curves(main: dict):
+    "Validation RSUM per epoch of every seed of the main-table variants (dot: the best epoch, whose checkpoint is tested)."
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for n, (name, r) in enumerate(main.items()):
+        for i, (curve, conv) in enumerate(zip(r["val_curves"], r["convergence"])):
+            e, v = zip(*curve)
+            ax.plot(e, v, color=f"C{n}", lw=1, alpha=0.8, label=name if i == 0 else None)
+            ax.plot([conv["best_epoch"]], [conv["best_val_RSUM"]], "o", color=f"C{n}", ms=3)
+    ax.set_xlabel("epoch", fontsize=8); ax.set_ylabel("validation RSUM", fontsize=8); ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3); ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
 
 # %% ../../nbs/32_repro.cret.ipynb #27f5101f
 @torch.no_grad()
@@ -334,14 +348,27 @@ def cret_markdown(doc: dict) -> str:
     rows = {f"{k} (ours, {ours})": v["mean_std"] for k, v in doc["main"].items()}
     rows[f"random ranking (expected, {ours})"] = doc["chance"]
     md += _table(rows, MAIN_KEYS) + [""]
+    md += ["Plausibility-aware metrics (every clip a caption is true of counts as a match; `metrics.plausible_metrics`):", ""]
+    md += _table({k: v["plausible"] for k, v in doc["main"].items()}, PLAUSIBLE_KEYS) + [""]
+    md += ["Convergence (validation RSUM; a run has plateaued when its last 10 % of epochs gain at most 1 point, "
+           "`train.convergence`): " + "; ".join(
+               f"{k}: best epochs {[c['best_epoch'] for c in v['convergence']]} of {v['convergence'][0]['epochs']}, "
+               f"plateau in {sum(c['plateau'] for c in v['convergence'])}/{len(v['convergence'])} seeds"
+               for k, v in doc["main"].items()) + ".", ""]
     md += ["Published, text-to-video (not comparable: other data, end-to-end CaiT + BERT):", ""]
     md += _table({f"CRET (published, {d})": m for d, m in P["t2v"].items()}, ("t2v/R@1", "t2v/R@5", "t2v/R@10", "t2v/MdR")) + [""]
-    md += ["## Claimed gains, paired by seed", "", "| claim | metric | per-seed differences | mean | seeds won |", "|---|---|---|---:|---:|"]
+    md += ["## Claimed gains, paired by seed", "",
+           "A gain holds when the variant wins in every seed and its mean difference exceeds the seed noise (the larger "
+           "std of the two variants).", "",
+           "| claim | metric | per-seed differences | mean | seeds won | seed noise | holds |", "|---|---|---|---:|---:|---:|---|"]
     for claim, per in doc["claims"].items():
         for k, d in per.items():
-            md.append(f"| {claim} | {k} | {', '.join(f'{x:+.1f}' for x in d['per_seed'])} | {d['mean']:+.1f} | {d['wins']}/{d['n']} |")
-    keys = ("t2v/R@1", "t2v/R@10", "v2t/R@1", "RSUM")
-    md += ["", f"## Ablations (mean over seeds {doc['ablation_seeds']})", "", "Global loss (with CCM):", ""]
+            md.append(f"| {claim} | {k} | {', '.join(f'{x:+.1f}' for x in d['per_seed'])} | {d['mean']:+.1f} | {d['wins']}/{d['n']} "
+                      f"| {d['seed_noise']:.1f} | {'yes' if d['holds'] else 'no'} |")
+    keys = ("t2v/R@1", "t2v/R@10", "v2t/R@1", "RSUM", "RSUM vs default (paired)")
+    md += ["", f"## Ablations (mean ± std over seeds {doc['ablation_seeds']}; {ab['schedule']})", "",
+           "Each variant against the default CRET on the same schedule and seeds: the mean paired RSUM difference, the "
+           "seeds won, and whether it holds beyond the seed noise.", "", "Global loss (with CCM):", ""]
     md += _table(ab["global_loss"], keys) + ["", "Number of centers K:", ""]
     md += _table({f"K = {k}": v for k, v in sorted(ab["centers"].items(), key=lambda kv: int(kv[0]))}, keys)
     md += ["", "Decoder weights and local score:", ""] + _table(ab["decoders"], keys)
@@ -349,10 +376,11 @@ def cret_markdown(doc: dict) -> str:
            f"(default CRET, first seed): clips {doc['center_redundancy']['video']:.2f}, captions {doc['center_redundancy']['text']:.2f} "
            "(1 = all centers decode the same vector)."]
     md += ["", "β at inference (the default CRET models, re-scored):", ""] + _table({f"β = {b}": v for b, v in ab["beta"].items()}, keys)
-    md += ["", "Frames sampled in training (rows: frames / global loss) vs frames in testing (columns), RSUM:", ""]
+    md += ["", "Frames sampled in training (rows: frames / global loss) vs frames in testing (columns), RSUM (mean ± std over seeds):", ""]
     cols = [str(t) for t in ab["test_frames"]]
     md += ["| train frames / loss | " + " | ".join(f"test {c}" for c in cols) + " |", "|---|" + "---:|" * len(cols)]
-    md += [f"| {r} | " + " | ".join(f"{cells[c]['RSUM']:.1f}" for c in cols) + " |" for r, cells in ab["frames"].items()]
+    pm = lambda x: f"{x['RSUM']:.1f}" + (f" ± {x['RSUM std']:.1f}" if math.isfinite(x.get("RSUM std", float("nan"))) else "")
+    md += [f"| {r} | " + " | ".join(pm(cells[c]) for c in cols) + " |" for r, cells in ab["frames"].items()]
     g = doc["gaussian"]
     md += ["", "## Is a clip's set of frame embeddings Gaussian?", "",
            f"Henze-Zirkler's test and Mardia's tests (skewness with the small-sample correction, and kurtosis; a clip passes "
@@ -384,25 +412,41 @@ def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny prese
     out_dir = Path(out_dir); root = out_dir / "cret"
     rel = lambda p: str(Path(p).relative_to(out_dir))
     t0 = time.perf_counter()
-    # 1. main table: global-only, +CCM, +GEES, full CRET over seeds
+    test = load_split(cret_config(mode, benchmark).data, "test")
+    # 1. main table: global-only, +CCM, +GEES, full CRET over seeds; per seed the best checkpoint with the plausible metrics
     main = {}
     for name, changes in MAIN_VARIANTS.items():
         folder = root / "main" / name.split(" ")[0].replace("+", "plus_").replace("-", "_").lower()
         r = train_seeds(cret_config(mode, benchmark, **changes), seeds, folder, resume=True)
+        per = [seed_results(folder / f"seed{s}", test) for s in seeds]
+        plaus = aggregate_seeds([{k: p["test"][k] for k in PLAUSIBLE_KEYS} for p in per])
         main[name] = {"changes": changes, "mean_std": r["mean_std"], "runs": r["runs"], "config": rel(folder / "config.json"),
-                      "dir": folder, "train_time_s": r["train_time_s"]}
+                      "plausible": {k: list(v) for k, v in plaus.items()}, "convergence": [p["convergence"] for p in per],
+                      "val_curves": [p["val_curve"] for p in per], "dir": folder, "train_time_s": r["train_time_s"]}
     full_name = "CRET (GEES + CCM)"
-    claims = paired_differences({k: v["runs"] for k, v in main.items()})
-    test = load_split(cret_config(mode, benchmark).data, "test")
-    # 2. ablations (each against the default CRET of the main table, same seeds)
-    abl = {"default": {"changes": {}, "runs": main[full_name]["runs"][:len(abl_seeds)], "dirs": [main[full_name]["dir"] / f"seed{s}" for s in abl_seeds]}}
-    for name, changes in ablation_variants(mode).items():
-        r = train_seeds(cret_config(mode, benchmark, **changes), abl_seeds, root / "ablation" / name, resume=True)
+    claims = paired_claims({k: v["runs"] for k, v in main.items()})
+    # 2. ablations, each against a default CRET on the same schedule and seeds (the main table's runs in quick mode)
+    schedule = ABLATION_SCHEDULE if mode == "full" else {}
+    abl_config = lambda **ch: cret_config(mode, benchmark, **ch).replace(**schedule)
+    variants = ({"default": {}} if schedule else {}) | ablation_variants(mode)
+    abl = {} if schedule else {"default": {"changes": {}, "runs": main[full_name]["runs"][:len(abl_seeds)],
+                                           "dirs": [main[full_name]["dir"] / f"seed{s}" for s in abl_seeds]}}
+    for name, changes in variants.items():
+        r = train_seeds(abl_config(**changes), abl_seeds, root / "ablation" / name, resume=True)
         abl[name] = {"changes": changes, "runs": r["runs"], "dirs": [root / "ablation" / name / f"seed{s}" for s in abl_seeds],
                      "config": rel(root / "ablation" / name / "config.json")}
-    mean_of = lambda runs, k: float(np.mean([r[k] for r in runs]))
-    summarize = lambda names: {n: {k: mean_of(abl[n]["runs"], k) for k in ("t2v/R@1", "t2v/R@10", "v2t/R@1", "RSUM")} for n in names}
-    default_cfg = CretConfig.from_dict(cret_config(mode, benchmark).model_config)
+    def summarize(names):
+        out = {}
+        for n in names:
+            agg = aggregate_seeds([{k: r[k] for k in ("t2v/R@1", "t2v/R@10", "v2t/R@1", "RSUM")} for r in abl[n]["runs"]])
+            out[n] = {k: list(v) for k, v in agg.items()}
+            if n != "default":
+                d = paired_difference(abl[n]["runs"], abl["default"]["runs"])
+                out[n]["RSUM vs default (paired)"] = (f"{d['mean']:+.1f} ({d['wins']}/{d['n']} seeds"
+                                                      + (", holds)" if d["holds"] else ")") if d["n"] > 1 else f"{d['mean']:+.1f}")
+                out[n]["paired"] = d
+        return out
+    default_cfg = CretConfig.from_dict(abl_config().model_config)
     losses = summarize(["default", "loss_frames", "loss_mean"] + [n for n in ("gees_seed_variant", "gees_diag") if n in abl])
     centers = {str(default_cfg.num_centers): summarize(["default"])["default"]}
     centers.update({n.split("_")[1]: summarize([n])[n] for n in abl if n.startswith("centers_")})
@@ -410,7 +454,8 @@ def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny prese
     betas = {}
     for d in abl["default"]["dirs"]:
         for b, m in beta_sweep(_model(d), test).items(): betas.setdefault(b, []).append(m)
-    betas = {b: {k: float(np.mean([m[k] for m in ms])) for k in ("t2v/R@1", "t2v/R@10", "v2t/R@1", "RSUM")} for b, ms in betas.items()}
+    betas = {b: {k: list(v) for k, v in aggregate_seeds([{k: m[k] for k in ("t2v/R@1", "t2v/R@10", "v2t/R@1", "RSUM")} for m in ms]).items()}
+             for b, ms in betas.items()}
     # frames in training (rows) x frames in testing (columns), GEES vs NCE on the mean
     T = int(test.visual_local.shape[1])
     test_grid = sorted({2, 4, T})
@@ -423,11 +468,13 @@ def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny prese
             for tf in test_grid:
                 ms = [eval_at_frames(_model(d), test, 0 if tf == T else tf) for d in abl[name]["dirs"]]
                 cells[str(tf)] = {k: float(np.mean([m[k] for m in ms])) for k in ("t2v/R@1", "t2v/R@10", "RSUM")}
+                cells[str(tf)]["RSUM std"] = float(np.std([m["RSUM"] for m in ms], ddof=1)) if len(ms) > 1 else float("nan")
             frame_rows[f"{n} / {loss}"] = cells
     # 3.-4. Gaussian check and figures from the first seed's CRET
     model = _model(main[full_name]["dir"] / f"seed{seeds[0]}")
     gauss = gaussian_validation(model, test)
     redundancy = center_redundancy(model, test)
+    save_figure(plot_val_curves(main), root / "curves.png", dpi=110)
     save_figure(plot_qq(gauss), root / "qq.png", dpi=110)
     save_figure(plot_tsne(model, test, 12 if mode == "quick" else 20, seed=seeds[0]), root / "tsne.png", dpi=110)
     save_figure(plot_center_attention(model, test), root / "attention.png", dpi=110)
@@ -435,16 +482,19 @@ def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny prese
     cost = retrieval_cost(dim=model.config.dim, num_centers=model.config.num_centers, heads=model.config.decoder_heads,
                           n_gallery=500 if mode == "quick" else 5000, frames=T)
     for v in main.values(): del v["dir"]
+    sched = (f"{schedule['epochs']} epochs instead of the main table's {cret_config(mode, benchmark).epochs}" if schedule
+             else "the main table's schedule")
     doc = {"mode": mode, "benchmark": benchmark, "preset": cret_config(mode, benchmark).data.preset, "seeds": seeds,
            "ablation_seeds": abl_seeds, "split": "test", "main": main, "claims": claims,
            "chance": chance_metrics(test.text_to_visual, test.n_visual),
-           "ablation": {"global_loss": losses, "centers": centers, "decoders": decoders, "beta": betas, "frames": frame_rows,
-                        "test_frames": test_grid, "configs": {n: r.get("config") for n, r in abl.items()}},
+           "ablation": {"schedule": sched, "global_loss": losses, "centers": centers, "decoders": decoders, "beta": betas,
+                        "frames": frame_rows, "test_frames": test_grid, "configs": {n: r.get("config") for n, r in abl.items()}},
            "gaussian": {k: v for k, v in gauss.items() if k not in ("qq", "clips")}, "cost": cost,
            "center_redundancy": redundancy,
-           "figures": {"qq": "cret/qq.png", "tsne": "cret/tsne.png", "attention": "cret/attention.png"},
+           "figures": {"curves": "cret/curves.png", "qq": "cret/qq.png", "tsne": "cret/tsne.png", "attention": "cret/attention.png"},
            "published": PUBLISHED, "wall_time_s": time.perf_counter() - t0,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (shared machine: timings vary)"}
     with atomic_path(out_dir / "cret.json") as tmp: tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     with atomic_path(out_dir / "cret.md") as tmp: tmp.write_text(cret_markdown(doc))
     return doc
+

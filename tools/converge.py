@@ -1,4 +1,4 @@
-"""Train a bi-encoder preset to convergence on an emoji benchmark: a small sweep on validation, curves, test metrics.
+"""Train a preset (any model: bi-encoder, CRET, region, ...) to convergence on a benchmark: a small sweep on validation, curves, test metrics.
 
 Each sweep point is one `Trainer` run (one seed) written to OUT/lr{lr}_ep{epochs}/ (resumable: a finished run is
 reused). Its test metrics (standard and plausible, `metrics.plausible_metrics`) are reported, and every
@@ -6,7 +6,7 @@ validation curve is drawn in OUT/val_curves.png.
 The run with the highest validation RSUM among those whose curve plateaued is selected. Usage (the commands
 behind results/biencoder_converge_*/; each preset's lr and epochs are the selected point):
 
-    P="python tools/converge_biencoder.py --threads 1"      # with OMP_NUM_THREADS=1
+    P="python tools/converge.py --threads 1"      # with OMP_NUM_THREADS=1
     $P --preset biencoder_vsepp_scenes --sweep 2e-4:200 4e-4:100 2e-4:100 1e-4:200 --out results/biencoder_converge_scenes
     $P --preset biencoder_infonce_scenes --sweep 1e-3:100 5e-4:150 2e-4:200 --out results/biencoder_converge_infonce_scenes
     $P --preset biencoder_vsepp_video --data-preset small --sweep 2e-4:300 2e-4:100 --out results/biencoder_converge_video_small
