@@ -10,7 +10,7 @@ from xmretrieval.core import ConfigError, DataError, ShapeError, fork_rng, make_
 from xmretrieval.encoders import masked_mean
 from xmretrieval.losses import infonce_from_sims
 from xmretrieval.models.base import build_model
-from xmretrieval.models.cret import (COVARIANCES, GEES_VARIANTS, Cret, CretConfig, CretIndex, cret_similarity,
+from xmretrieval.models.cret import (COVARIANCES, GEES_VARIANTS, CenterDecoder, Cret, CretConfig, CretIndex, cret_similarity,
                                      frame_nce_loss, gaussian_moments, gees_loss, local_embeddings, mean_nce_loss,
                                      sample_frames)
 
@@ -256,7 +256,8 @@ def test_bad_input_names_the_argument():
     for bad, msg in [(dict(alpha=-0.1), "CretConfig.alpha"), (dict(beta=-1.0), "CretConfig.beta"),
                      (dict(beta=float("inf")), "CretConfig.beta"), (dict(num_centers=0), "CretConfig.num_centers"),
                      (dict(train_frames=-1), "CretConfig.train_frames"), (dict(test_frames=100), "CretConfig.test_frames"),
-                     (dict(gees_variant="loose"), "CretConfig.gees_variant"), (dict(covariance="lowrank"), "CretConfig.covariance")]:
+                     (dict(gees_variant="loose"), "CretConfig.gees_variant"), (dict(covariance="lowrank"), "CretConfig.covariance"),
+                     (dict(center_init_std=float("nan")), "CretConfig.center_init_std")]:
         with pytest.raises(ConfigError, match=msg):
             CretConfig(**{**SMALL, **bad})
     with pytest.raises(ConfigError, match="`beta`"):
@@ -330,4 +331,14 @@ def test_reproduction_is_registered_and_its_configs_validate():
     from xmretrieval.repro.cret import MAIN_VARIANTS, ablation_variants, cret_config
     for changes in [*MAIN_VARIANTS.values(), *ablation_variants("full").values()]:
         CretConfig.from_dict(cret_config("full", **changes).model_config)
-    assert cret_config("quick").data.preset == "tiny" and cret_config("full").data.preset == "full"
+    assert cret_config("quick").data.preset == "tiny" and cret_config("full").data.preset == "small"
+
+
+def test_center_init_std_sets_the_scale_and_keeps_the_default_stream():
+    "The default (0.02) draws the same centers as before the option existed; another std scales the same draw."
+    torch.manual_seed(0)
+    ref = torch.randn(4, 32) * 0.02
+    for std in (0.02, 1.0):
+        torch.manual_seed(0)
+        d = CenterDecoder(32, 4, 1, 2, init_std=std)
+        assert torch.allclose(d.centers, ref * (std / 0.02))

@@ -80,12 +80,14 @@ class CenterDecoder(nn.Module):
                  num_centers: int = 8,          # K
                  depth: int = 2,                # decoder layers
                  heads: int = 8,                # attention heads (d_k = dim / heads)
-                 ff_mult: int = 4, dropout: float = 0.1):
+                 ff_mult: int = 4, dropout: float = 0.1,
+                 init_std: float = 0.02,        # std of the centers' normal initialisation
+                ):
         super().__init__()
         if min(dim, num_centers, depth, heads) < 1: raise ConfigError(f"dim, num_centers, depth, heads must be >= 1, got {(dim, num_centers, depth, heads)}")
         if dim % heads: raise ConfigError(f"decoder width {dim} is not divisible by decoder_heads={heads}")
         self.dim, self.num_centers = dim, num_centers
-        self.centers = nn.Parameter(torch.randn(num_centers, dim) * 0.02)
+        self.centers = nn.Parameter(torch.randn(num_centers, dim) * init_std)
         self.norm_tokens = nn.LayerNorm(dim)
         layer = nn.TransformerDecoderLayer(dim, heads, ff_mult * dim, dropout, activation="gelu", batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(dim))
@@ -235,6 +237,7 @@ class CretConfig(Config):
     dropout: float = 0.1
     text: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)  # frozen MiniLM features by default
     num_centers: int = 8            # K decoder centers
+    center_init_std: float = 0.02   # std of the centers' normal initialisation (1.0 keeps them apart: see the reproduction)
     decoder_depth: int = 2          # decoder layers
     decoder_heads: int = 8          # decoder attention heads
     shared_decoder: bool = True     # one decoder for both modalities (CRET) or one per modality (ablation)
@@ -265,6 +268,8 @@ class CretConfig(Config):
         for k in ("alpha", "beta", "gees_lambda"):
             v = getattr(self, k)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0): raise ConfigError(f"{p}{k} must be a finite number >= 0, got {v!r}")
+        v = self.center_init_std
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0): raise ConfigError(f"{p}center_init_std must be a finite number > 0, got {v!r}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ConfigError(f"{p}temperature must be > 0, got {self.temperature!r}")
         if self.dim % self.decoder_heads: raise ConfigError(f"{p}dim={self.dim} is not divisible by {p}decoder_heads={self.decoder_heads}")
@@ -291,7 +296,7 @@ class Cret(RetrievalModel):
         d_text = self.text_encoder.out_dim
         self.text_tokens = nn.Linear(d_text, c.dim)
         self.text_head = Head(d_text, c.dim, mlp, c.dropout)
-        make = lambda: CenterDecoder(c.dim, c.num_centers, c.decoder_depth, c.decoder_heads, dropout=c.dropout)
+        make = lambda: CenterDecoder(c.dim, c.num_centers, c.decoder_depth, c.decoder_heads, dropout=c.dropout, init_std=c.center_init_std)
         if c.shared_decoder: self.decoder = make()
         else: self.video_decoder, self.text_decoder = make(), make()
         log_scale = torch.tensor(math.log(1 / c.temperature))

@@ -78,7 +78,7 @@ def ablation_variants(mode: str = "full") -> dict[str, dict]:
         v[f"train_frames_{n}"] = dict(train_frames=n)
         v[f"train_frames_{n}_mean"] = dict(train_frames=n, global_loss="mean")
     if mode == "full": v.update({"gees_seed_variant": dict(gees_variant="seed"), "gees_diag": dict(covariance="diag"),
-                                 "concat_similarity": dict(local_similarity="concat")})
+                                 "concat_similarity": dict(local_similarity="concat"), "center_init_1": dict(center_init_std=1.0)})
     return v
 
 # %% ../../nbs/32_repro.cret.ipynb #ffe2ce15
@@ -374,7 +374,8 @@ def cret_markdown(doc: dict) -> str:
     md += ["", "Decoder weights and local score:", ""] + _table(ab["decoders"], keys)
     md += ["", "Mean cosine between the decoded centers of one clip / caption "
            f"(default CRET, first seed): clips {doc['center_redundancy']['video']:.2f}, captions {doc['center_redundancy']['text']:.2f} "
-           "(1 = all centers decode the same vector)."]
+           "(1 = all centers decode the same vector); on the ablation schedule, first seed: "
+           + "; ".join(f"{n} clips {r['video']:.2f}, captions {r['text']:.2f}" for n, r in ab.get("center_redundancy", {}).items()) + "."]
     md += ["", "β at inference (the default CRET models, re-scored):", ""] + _table({f"β = {b}": v for b, v in ab["beta"].items()}, keys)
     md += ["", "Frames sampled in training (rows: frames / global loss) vs frames in testing (columns), RSUM (mean ± std over seeds):", ""]
     cols = [str(t) for t in ab["test_frames"]]
@@ -450,7 +451,7 @@ def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny prese
     losses = summarize(["default", "loss_frames", "loss_mean"] + [n for n in ("gees_seed_variant", "gees_diag") if n in abl])
     centers = {str(default_cfg.num_centers): summarize(["default"])["default"]}
     centers.update({n.split("_")[1]: summarize([n])[n] for n in abl if n.startswith("centers_")})
-    decoders = summarize(["default", "separate_decoders"] + (["concat_similarity"] if "concat_similarity" in abl else []))
+    decoders = summarize(["default", "separate_decoders"] + [n for n in ("concat_similarity", "center_init_1") if n in abl])
     betas = {}
     for d in abl["default"]["dirs"]:
         for b, m in beta_sweep(_model(d), test).items(): betas.setdefault(b, []).append(m)
@@ -474,6 +475,7 @@ def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny prese
     model = _model(main[full_name]["dir"] / f"seed{seeds[0]}")
     gauss = gaussian_validation(model, test)
     redundancy = center_redundancy(model, test)
+    abl_redundancy = {n: center_redundancy(_model(abl[n]["dirs"][0]), test) for n in ("default", "center_init_1") if n in abl}
     save_figure(plot_val_curves(main), root / "curves.png", dpi=110)
     save_figure(plot_qq(gauss), root / "qq.png", dpi=110)
     save_figure(plot_tsne(model, test, 12 if mode == "quick" else 20, seed=seeds[0]), root / "tsne.png", dpi=110)
@@ -488,7 +490,7 @@ def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny prese
            "ablation_seeds": abl_seeds, "split": "test", "main": main, "claims": claims,
            "chance": chance_metrics(test.text_to_visual, test.n_visual),
            "ablation": {"schedule": sched, "global_loss": losses, "centers": centers, "decoders": decoders, "beta": betas,
-                        "frames": frame_rows, "test_frames": test_grid, "configs": {n: r.get("config") for n, r in abl.items()}},
+                        "frames": frame_rows, "test_frames": test_grid, "center_redundancy": abl_redundancy, "configs": {n: r.get("config") for n, r in abl.items()}},
            "gaussian": {k: v for k, v in gauss.items() if k not in ("qq", "clips")}, "cost": cost,
            "center_redundancy": redundancy,
            "figures": {"curves": "cret/curves.png", "qq": "cret/qq.png", "tsne": "cret/tsne.png", "attention": "cret/attention.png"},
