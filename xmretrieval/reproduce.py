@@ -134,12 +134,15 @@ def reproduce(mode: str = "full",                       # "full" (make reproduce
         print(f"== {name}: {stages[-1]['minutes']:.1f} min", flush=True)
     for name in names:  # the tables of every reproduction in out_dir, also those not re-run by `only`
         md = out_dir/f"{name}.md"
-        if md.exists(): parts.append(re.sub(r"^(#+) ", r"#\1 ", md.read_text(), flags=re.M))  # one heading level down
+        if not md.exists(): continue
+        parts.append(re.sub(r"^(#+) ", r"#\1 ", md.read_text(), flags=re.M))  # one heading level down
+        if all(s["stage"] != name for s in stages): stages.append({"stage": name, "minutes": "not re-run"})
+    stages = stages[:1] + sorted(stages[1:], key=lambda s: names.index(s["stage"]))   # benchmarks, then registry order
     minutes = (time.perf_counter() - t0) / 60
     summary = "\n\n".join(p.strip() for p in parts)
     costs = training_compute(out_dir)
     summary += ("\n\n## Time per stage\n\n" + markdown_table(
-        [{**s, "training compute recorded, min": costs.get(s["stage"], float("nan"))} for s in stages], keys=None, left=("stage",)) +
+        [{**s, "training compute recorded, min": costs.get(s["stage"], "")} for s in stages], keys=None, left=("stage",)) +
         "\n\nminutes: wall time of this invocation (finished runs found in `results/` are reused, not retrained); training "
         "compute: the train + validation time of every run the stage's tables use, summed from their `history.json` "
         "(what the stage costs from scratch, as measured when each run was trained; feature builds not included)."
