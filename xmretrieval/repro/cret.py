@@ -476,10 +476,10 @@ def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny prese
     # 3.-4. Gaussian check and figures from the first seed's CRET
     model = _model(main[full_name]["dir"] / f"seed{seeds[0]}")
     gauss = gaussian_validation(model, test)
-    redundancy = center_redundancy(model, test)
     ccm_runs = {f"{n} (main table)": main[n]["dir"] / f"seed{seeds[0]}" for n, ch in MAIN_VARIANTS.items() if ch["alpha"] > 0}
     ccm_runs.update({f"{n} (ablation schedule)": abl[n]["dirs"][0] for n in ("default", "center_init_1") if n in abl})
     redundancy_by_run = {n: center_redundancy(_model(d), test) for n, d in ccm_runs.items()}
+    redundancy = redundancy_by_run[f"{full_name} (main table)"]
     save_figure(plot_val_curves(main), root / "curves.png", dpi=110)
     save_figure(plot_qq(gauss), root / "qq.png", dpi=110)
     save_figure(plot_tsne(model, test, 12 if mode == "quick" else 20, seed=seeds[0]), root / "tsne.png", dpi=110)
