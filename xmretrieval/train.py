@@ -13,6 +13,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -360,12 +361,15 @@ def train_seeds(config: TrainConfig,
     for s in seeds:
         d = out_dir / f"seed{s}"
         again = resume and (d / "last.safetensors").exists()
-        if again and (d / "metrics.json").exists():       # a finished run: reuse it if it has the same config
-            done = json.loads((d / "metrics.json").read_text())
+        done = json.loads((d / "metrics.json").read_text()) if resume and (d / "metrics.json").exists() else None
+        if done:                                          # a finished run: it must have the same config
             diff = config_changes(done["config"], config.replace(seed=s).to_dict())
             if diff: raise CheckpointError(f"{str(d)!r} holds a finished run of another config ({'; '.join(diff)}); "
                                            "delete it or choose another out_dir")
-            runs.append(done); continue
+            if again: runs.append(done); continue         # ... reused as it is
+            warnings.warn(f"{str(d)!r} holds the record of a finished run but not its weights (checkpoints are not kept "
+                          f"in git): seed {s} is trained again and its record rewritten", stacklevel=2)
+            for n in RUN_FILES: (d / n).unlink(missing_ok=True)
         runs.append(Trainer(config.replace(seed=s), d, resume=again, **data).fit())
     split = "test" if runs[0]["test"] else "val"
     agg = aggregate_seeds([r[split] for r in runs])
