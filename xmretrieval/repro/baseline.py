@@ -21,25 +21,31 @@ from ..reproduce import mode_seeds, register_reproduction, save_figure
 from ..train import convergence, train_seeds
 
 # %% auto #0
-__all__ = ['BASELINE_BENCHMARKS', 'BASELINE_LOSSES', 'LOSS_NAMES', 'EXTRA_PROTOCOLS', 'PLAUSIBLE_KEYS', 'baseline_config',
-           'with_protocol', 'seed_results', 'row_name', 'run_baseline', 'plot_val_curves', 'baseline_markdown']
+__all__ = ['BASELINE_BENCHMARKS', 'BASELINE_LOSSES', 'ROW_NAMES', 'REFERENCES', 'EXTRA_PROTOCOLS', 'PLAUSIBLE_KEYS',
+           'baseline_config', 'with_protocol', 'seed_results', 'row_name', 'run_baseline', 'plot_val_curves',
+           'baseline_markdown']
 
 # %% ../../nbs/30_repro.baseline.ipynb #ab087e32
 BASELINE_BENCHMARKS = {"emoji-objects": "objects", "emoji-scenes": "scenes", "emoji-video": "video"}
 BASELINE_LOSSES = {"triplet": "vsepp", "infonce": "infonce"}
-LOSS_NAMES = {"triplet": "VSE++ (triplet, hardest negative)", "infonce": "InfoNCE"}
+ROW_NAMES = {"triplet": "VSE++ (triplet, hardest negative)", "infonce": "InfoNCE",
+             "region": "Region reference (a vector per grid cell, smooth max)"}
+REFERENCES = {"emoji-scenes": ("region",)}   # reference models beside the losses (default protocol only)
 EXTRA_PROTOCOLS = {"emoji-scenes": ("unseen-concept",)}   # run besides the default protocol in full mode
 PLAUSIBLE_KEYS = ("t2v/R-P", "t2v/mAP@R", "t2v/miss top-1 true (%)", "v2t/R-P", "v2t/mAP@R", "v2t/miss top-1 true (%)")
 
 # %% ../../nbs/30_repro.baseline.ipynb #c8bacead
-def baseline_config(benchmark: str, loss: str, mode: str = "full",
+def baseline_config(benchmark: str,
+                    loss: str,                    # "triplet", "infonce" or the reference model "region"
+                    mode: str = "full",
                     protocol: str | None = None,  # None: the benchmark's default protocol; e.g. "unseen-concept"
                    ):
-    "The TrainConfig of one baseline run: preset `biencoder_{vsepp|infonce}_{objects|scenes|video}`, with the `quick` overlay in quick mode."
+    "The TrainConfig of one baseline run: preset `biencoder_{vsepp|infonce}_{objects|scenes|video}` (or `region_emoji_*`), with the `quick` overlay in quick mode."
     if benchmark not in BASELINE_BENCHMARKS: raise ConfigError(f"unknown baseline benchmark {benchmark!r}; choose from {list(BASELINE_BENCHMARKS)}")
-    if loss not in BASELINE_LOSSES: raise ConfigError(f"unknown baseline loss {loss!r}; choose from {list(BASELINE_LOSSES)}")
+    if loss not in (*BASELINE_LOSSES, "region"): raise ConfigError(f"unknown baseline loss {loss!r}; choose from {[*BASELINE_LOSSES, 'region']}")
     if mode not in ("quick", "full"): raise ConfigError(f"`mode` must be 'quick' or 'full', got {mode!r}")
-    preset = f"biencoder_{BASELINE_LOSSES[loss]}_{BASELINE_BENCHMARKS[benchmark]}"
+    b = BASELINE_BENCHMARKS[benchmark]
+    preset = f"region_emoji_{b}" if loss == "region" else f"biencoder_{BASELINE_LOSSES[loss]}_{b}"
     return with_protocol(load_config(preset, "quick") if mode == "quick" else load_config(preset), protocol)
 
 def with_protocol(cfg, protocol: str | None):
@@ -69,22 +75,24 @@ def run_baseline(mode: str = "quick",                     # "quick" (tiny preset
                  seeds: list[int] | None = None,           # default: [0, 1] (quick) or [0, 1, 2] (full)
                  resume: bool = True,                      # reuse finished runs of the same config, resume interrupted ones
                  protocols: dict | None = None,            # benchmark -> extra protocols (default: EXTRA_PROTOCOLS in full mode)
+                 references: dict | None = None,           # benchmark -> reference models on its default protocol (default: REFERENCES)
                 ) -> dict:
     "Train and evaluate the bi-encoder baselines over several seeds; write JSON + markdown tables and curves to `out_dir`."
     seeds = mode_seeds(mode, seeds)
     benchmarks = benchmarks or (["emoji-scenes"] if mode == "quick" else list(BASELINE_BENCHMARKS))
     protocols = (EXTRA_PROTOCOLS if mode == "full" else {}) if protocols is None else protocols
+    references = REFERENCES if references is None else references
     out_dir = Path(out_dir)
     results, t0 = [], time.perf_counter()
     for bench in benchmarks:
         for proto in (None, *protocols.get(bench, ())):
-            for loss in losses:
+            for loss in (*losses, *(references.get(bench, ()) if proto is None else ())):
                 cfg = baseline_config(bench, loss, mode, proto)
                 folder = out_dir / "biencoder" / row_name(bench, proto) / loss
                 res = train_seeds(cfg, seeds, folder, resume=resume)
                 test = load_split(cfg.data, "test")
                 per = [seed_results(folder / f"seed{s}", test) for s in seeds]
-                results.append({"benchmark": row_name(bench, proto), "loss": loss, "preset": cfg.data.preset, "seeds": seeds,
+                results.append({"benchmark": row_name(bench, proto), "row": loss, "preset": cfg.data.preset, "seeds": seeds,
                                 "mean_std": aggregate_seeds([p["test"] for p in per]), "runs": [p["test"] for p in per],
                                 "convergence": [p["convergence"] for p in per], "val_curves": [p["val_curve"] for p in per],
                                 "chance": chance_metrics(test.text_to_visual, test.n_visual),
@@ -107,7 +115,7 @@ def plot_val_curves(doc: dict):
         for n, r in enumerate(x for x in doc["results"] if x["benchmark"] == b):
             for s, curve, conv in zip(r["seeds"], r["val_curves"], r["convergence"]):
                 e, v = zip(*curve)
-                line, = ax.plot(e, v, color=f"C{n}", lw=1, alpha=0.8, label=LOSS_NAMES[r["loss"]] if s == r["seeds"][0] else None)
+                line, = ax.plot(e, v, color=f"C{n}", lw=1, alpha=0.8, label=ROW_NAMES[r["row"]] if s == r["seeds"][0] else None)
                 ax.plot([conv["best_epoch"]], [conv["best_val_RSUM"]], "o", color=line.get_color(), ms=3)
         ax.set_title(b, fontsize=9); ax.set_xlabel("epoch", fontsize=8); ax.tick_params(labelsize=7); ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("validation RSUM", fontsize=8); axes[0, 0].legend(fontsize=7)
@@ -119,14 +127,14 @@ def baseline_markdown(doc: dict) -> str:
     md = [f"# Bi-encoder baseline ({doc['mode']} mode, test split, mean ± std over seeds {doc['seeds']})", ""]
     for b in dict.fromkeys(r["benchmark"] for r in doc["results"]):
         rs = [r for r in doc["results"] if r["benchmark"] == b]
-        rows = {LOSS_NAMES[r["loss"]]: r["mean_std"] for r in rs}
+        rows = {ROW_NAMES[r["row"]]: r["mean_std"] for r in rs}
         rows["random ranking (expected)"] = rs[0]["chance"]
         md += [f"## {b} ({rs[0]['preset']} preset)", "", markdown_table(rows), "",
                "Plausibility-aware (R-Precision and mAP@R over every item a caption is true of; misses: share of the "
                "standard R@1 misses whose top-1 is in fact a true match):", "",
-               markdown_table({LOSS_NAMES[r["loss"]]: r["mean_std"] for r in rs}, PLAUSIBLE_KEYS), "",
+               markdown_table({ROW_NAMES[r["row"]]: r["mean_std"] for r in rs}, PLAUSIBLE_KEYS), "",
                "Convergence (validation RSUM): " + "; ".join(
-                   f"{LOSS_NAMES[r['loss']]}: best epochs {[c['best_epoch'] for c in r['convergence']]} of {r['convergence'][0]['epochs']}, "
+                   f"{ROW_NAMES[r['row']]}: best epochs {[c['best_epoch'] for c in r['convergence']]} of {r['convergence'][0]['epochs']}, "
                    f"gain in the last 10 % of epochs {max(c['gain_last_10pct'] for c in r['convergence']):+.1f} at most"
                    for r in rs) + ".", ""]
     md += ["![validation curves](biencoder/curves.png)", "",

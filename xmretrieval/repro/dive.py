@@ -23,7 +23,8 @@ from ..data.emoji import render_item
 from ..metrics import aggregate_seeds, chance_metrics, markdown_table, paired_difference, paired_sentence
 from ..models.base import visual_batch
 from ..models.dive import DivE, set_log_variance
-from .baseline import PLAUSIBLE_KEYS, baseline_config, row_name, seed_results, with_protocol
+from .baseline import (EXTRA_PROTOCOLS, PLAUSIBLE_KEYS, REFERENCES, baseline_config, row_name,
+                                        seed_results, with_protocol)
 from ..reproduce import mode_seeds, register_reproduction, save_figure
 from ..train import train_seeds
 
@@ -164,6 +165,8 @@ def _main_models(mode: str, benchmark: str, protocol: str | None, out_dir: Path)
     models = {"Bi-encoder (VSE++)": (baseline_config(benchmark, "triplet", mode, protocol),
                                      out_dir / "biencoder" / row_name(benchmark, protocol) / "triplet")}
     models["DivE"] = (with_protocol(dive_config(mode, benchmark), protocol), main / "dive")
+    if protocol is None and "region" in REFERENCES.get(benchmark, ()):    # the yardstick, shared with the baseline runner
+        models["Region reference"] = (baseline_config(benchmark, "region", mode), out_dir / "biencoder" / benchmark / "region")
     return models
 
 def _seed_runs(cfg, seeds, folder: Path, out_dir: Path) -> dict:
@@ -182,11 +185,12 @@ def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny pres
                           out_dir="results",                # writes out_dir/dive.{json,md} and out_dir/dive/...
                           seeds: list[int] | None = None,   # default [0, 1] (quick) or [0, 1, 2] (full)
                           benchmark: str = "emoji-scenes",
-                          protocols: tuple[str, ...] = (),  # more protocols for the main table, e.g. ("unseen-concept",)
+                          protocols: tuple[str, ...] | None = None,  # more protocols for the main table (default: EXTRA_PROTOCOLS in full mode)
                           n_figure_items: int | None = None,  # images in the t-SNE (default 8 quick, 16 full)
                          ) -> dict:
     "Train and evaluate the DivE reproduction (main tables, ablations, figures); return the summary dict."
     seeds = mode_seeds(mode, seeds)
+    protocols = (EXTRA_PROTOCOLS.get(benchmark, ()) if mode == "full" else ()) if protocols is None else protocols
     out_dir = Path(out_dir); root = out_dir / "dive"; s0 = seeds[0]
     t0 = time.perf_counter()
     dcfg = dive_config(mode, benchmark)
@@ -198,7 +202,7 @@ def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny pres
         main[name] = {m: _seed_runs(cfg, seeds, folder, out_dir) for m, (cfg, folder) in _main_models(mode, benchmark, proto, out_dir).items()}
         runs = {m: r["runs"] for m, r in main[name].items()}
         claims[name] = {f"{a} vs {b}": {k: paired_difference(runs[a], runs[b], k) for k in ("RSUM", "t2v/R-P", "v2t/R-P")}
-                        for a, b in (("DivE", "Bi-encoder (VSE++)"),)}
+                        for a, b in (("DivE", "Bi-encoder (VSE++)"), ("Region reference", "DivE")) if a in runs and b in runs}
     # 2./3. ablations: every variant over the seeds, paired with the default on the same schedule
     abl = {}
     for name, changes in ablation_variants(mode).items():
