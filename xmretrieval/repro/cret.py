@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import textwrap
 import time
 from pathlib import Path
 
@@ -328,7 +329,7 @@ def plot_center_attention(model: Cret, data, items=(0, 1, 2)):
         n_tok = int(f.mask[r].sum())
         axes[r, 1].imshow(ta[r, :, :n_tok].numpy(), aspect="auto", cmap="magma")
         if words: axes[r, 1].set_xticks(range(n_tok)); axes[r, 1].set_xticklabels(words[r][:n_tok], rotation=60, fontsize=6)
-        axes[r, 1].set_title(tb["captions"][r], fontsize=7)
+        axes[r, 1].set_title(textwrap.fill(tb["captions"][r], 120), fontsize=7)
         for ax in axes[r]: ax.tick_params(labelsize=6)
     fig.tight_layout()
     return fig
