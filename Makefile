@@ -70,8 +70,9 @@ test-slow: $(STAMP) system-deps
 	$(BIN)/nbdev_test --n_workers 2 --flags slow
 	$(BIN)/python -m pytest -q --runslow tests
 
+# WORKERS: training processes, one torch thread each (default: every core)
 reproduce: $(STAMP) system-deps
-	$(BIN)/python -m xmretrieval.reproduce --mode $(MODE) --out results
+	$(BIN)/python -m xmretrieval.reproduce --mode $(MODE) --out results $(if $(WORKERS),--workers $(WORKERS))
 
 docs: $(STAMP)
 	$(BIN)/python tools/build_docs.py

@@ -27,12 +27,12 @@ __all__ = ['REPRODUCTIONS', 'MODES', 'FULL_PRESETS', 'register_reproduction', 'm
 
 # %% ../nbs/90_reproduce.ipynb #2d6e3b96
 REPRODUCTIONS = Registry("reproduction", package="xmretrieval.repro")
-"Reproductions run by `make reproduce`, by `order`: name -> function `run(mode, out_dir)`; found in `xmretrieval.repro.*`."
+"Reproductions run by `make reproduce`, by `order`: name -> function `run(mode, out_dir, workers)`; found in `xmretrieval.repro.*`."
 
 def register_reproduction(name: str,       # the name in `--only` and of the tables `out_dir/<name>.md`
                           order: int = 100, # position in `make reproduce` (baseline 10, DivE 20, ...)
                          ):
-    "Decorator: register a reproduction runner `run(mode, out_dir) -> dict` that writes `out_dir/<name>.{json,md}`."
+    "Decorator: register a reproduction runner `run(mode, out_dir, workers) -> dict` that writes `out_dir/<name>.{json,md}`."
     return REPRODUCTIONS.register(name, order=order)
 
 MODES = ("quick", "full")
@@ -112,6 +112,7 @@ def reproduce(mode: str = "full",                       # "full" (make reproduce
               out_dir: str | os.PathLike = "results",   # where every table, figure and config goes
               only: list[str] | None = None,            # subset of REPRODUCTIONS to run (default: all)
               readme: str | os.PathLike | None = None,  # README.md to update with the summary (full mode only)
+              workers: int = 1,                         # training processes of each runner (`train.train_many`)
              ) -> str:
     "Build the benchmarks, run the reproductions, write `out_dir/SUMMARY.md`; returns the summary markdown."
     if mode not in MODES: raise ConfigError(f"`mode` must be one of {MODES}, got {mode!r}")
@@ -127,7 +128,7 @@ def reproduce(mode: str = "full",                       # "full" (make reproduce
         if only and name not in only: continue
         print(f"== {name} ({mode})", flush=True)
         run, t1 = REPRODUCTIONS[name], time.perf_counter()
-        run(mode=mode, out_dir=out_dir)
+        run(mode=mode, out_dir=out_dir, workers=workers)
         if not (out_dir/f"{name}.md").exists():
             raise ConfigError(f"reproduction {name!r} ({run.__module__}.{run.__name__}) wrote no {name}.md")
         stages.append({"stage": name, "minutes": (time.perf_counter() - t1) / 60})
@@ -162,8 +163,10 @@ def reproduce(mode: str = "full",                       # "full" (make reproduce
 def main(mode: Param("'full' or 'quick' (default: $XMR_MODE, else full)", str) = None,
          out: Param("output folder", str) = "results",
          only: Param("comma-separated reproductions to run (default: all)", str) = None,
-         readme: Param("README to update with the summary (full mode)", str) = "README.md"):
+         readme: Param("README to update with the summary (full mode)", str) = "README.md",
+         workers: Param("training processes, one torch thread each (default: the number of cores)", int) = None):
     "Build the offline benchmarks, train and evaluate every model, write results/ and print the summary."
     mode = mode or os.environ.get("XMR_MODE") or "full"
-    summary = reproduce(mode, out, only.split(",") if only else None, readme if Path(readme).exists() else None)
+    summary = reproduce(mode, out, only.split(",") if only else None, readme if Path(readme).exists() else None,
+                        workers or os.cpu_count() or 1)
     print(summary)

@@ -15,6 +15,7 @@ import resource
 import time
 import warnings
 from contextlib import nullcontext
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, PRESETS_DIR, DataConfig, OptimConfig
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'epoch_batches', 'shard_batch', 'param_groups', 'lr_factor', 'TrainingError', 'config_changes',
-           'init_distributed', 'peak_memory_mb', 'Trainer', 'train_seeds', 'convergence']
+           'init_distributed', 'peak_memory_mb', 'Trainer', 'train_seeds', 'train_many', 'convergence']
 
 # %% ../nbs/08_train.ipynb #78041996
 def epoch_batches(text_to_visual: Tensor,   # (n_text,) item of each caption
@@ -385,6 +386,31 @@ def train_seeds(config: TrainConfig,
         tmp.write_text(f"# {config.model} on {config.data.benchmark} ({config.data.preset}), {split} split, "
                        f"seeds {list(seeds)}\n\n{table}\n")
     return result
+
+# %% ../nbs/08_train.ipynb #056fbd65
+def _train_one(job: tuple) -> str:
+    "Worker of `train_many`: one seed of one config on one torch thread; returns its run folder."
+    config, seed, out_dir, resume, data = job
+    train_seeds(config.replace(num_threads=1, progress=False), [seed], out_dir, resume=resume, **data)
+    return str(Path(out_dir) / f"seed{seed}")
+
+def train_many(jobs: list[tuple[TrainConfig, list[int], str | os.PathLike]],  # (config, seeds, out_dir) of each train_seeds call
+               workers: int = 1,                   # processes; > 1: every unfinished (config, seed) in a pool, one torch thread each
+               resume: bool = True,
+               **data,                             # train_data/val_data/test_data, as for `train_seeds`
+              ) -> list[dict]:
+    "`train_seeds` for several configs, their runs spread over `workers` processes; one result per job, in order."
+    if workers < 1: raise ConfigError(f"`workers` must be >= 1, got {workers}")
+    done = lambda d: (d / "metrics.json").exists() and (d / "last.safetensors").exists()
+    todo = [(c, s, Path(d), resume, data) for c, seeds, d in jobs for s in seeds if not done(Path(d) / f"seed{s}")]
+    if workers > 1 and len(todo) > 1:
+        t0 = time.perf_counter()
+        with get_context("spawn").Pool(min(workers, len(todo)), maxtasksperchild=1) as pool:
+            for n, run in enumerate(pool.imap_unordered(_train_one, todo), 1):
+                print(f"[{n}/{len(todo)} runs, {(time.perf_counter() - t0) / 60:.1f} min] {run}", flush=True)
+        resume = True                              # every run is finished now: the loop below only collects them
+    return [train_seeds(c, seeds, d, resume=resume, **data) for c, seeds, d in jobs]
+
 
 # %% ../nbs/08_train.ipynb #eafb4843
 def convergence(history: list[dict],  # a run's history rows ({"epoch", "val/RSUM", ...}; rows without val/ are skipped)

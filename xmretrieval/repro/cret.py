@@ -27,7 +27,7 @@ from ..models.cret import Cret, CretConfig, CretIndex, cret_similarity
 from .baseline import PLAUSIBLE_KEYS, seed_results
 from .dive import embed_first_items, tsne_2d
 from ..reproduce import mode_seeds, register_reproduction, save_figure
-from ..train import train_seeds
+from ..train import train_many
 
 # %% auto #0
 __all__ = ['PUBLISHED', 'MAIN_VARIANTS', 'CLAIMS', 'MAIN_KEYS', 'CLAIM_KEYS', 'BENCHMARK_PRESETS', 'ABLATION_SCHEDULE',
@@ -409,6 +409,7 @@ def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny prese
                           out_dir="results",               # writes out_dir/cret.{json,md} and out_dir/cret/...
                           seeds: list[int] | None = None,  # default [0, 1] (quick) or [0, 1, 2] (full)
                           benchmark: str = "emoji-video",
+                          workers: int = 1,                # training processes (`train.train_many`)
                          ) -> dict:
     "Train and evaluate the CRET reproduction: main table, paired gains, ablations, Gaussian check, cost, figures."
     seeds = mode_seeds(mode, seeds)
@@ -417,11 +418,18 @@ def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny prese
     rel = lambda p: str(Path(p).relative_to(out_dir))
     t0 = time.perf_counter()
     test = load_split(cret_config(mode, benchmark).data, "test")
+    schedule = ABLATION_SCHEDULE if mode == "full" else {}
+    abl_config = lambda **ch: cret_config(mode, benchmark, **ch).replace(**schedule)
+    variants = ({"default": {}} if schedule else {}) | ablation_variants(mode)
+    # every run of the main table and the ablations first, spread over the workers
+    main_dirs = {n: root / "main" / n.split(" ")[0].replace("+", "plus_").replace("-", "_").lower() for n in MAIN_VARIANTS}
+    jobs = ([(cret_config(mode, benchmark, **ch), seeds, main_dirs[n]) for n, ch in MAIN_VARIANTS.items()] +
+            [(abl_config(**ch), abl_seeds, root / "ablation" / n) for n, ch in variants.items()])
+    trained = {f: r for (*_, f), r in zip(jobs, train_many(jobs, workers))}
     # 1. main table: global-only, +CCM, +GEES, full CRET over seeds; per seed the best checkpoint with the plausible metrics
     main = {}
     for name, changes in MAIN_VARIANTS.items():
-        folder = root / "main" / name.split(" ")[0].replace("+", "plus_").replace("-", "_").lower()
-        r = train_seeds(cret_config(mode, benchmark, **changes), seeds, folder, resume=True)
+        folder = main_dirs[name]; r = trained[folder]
         per = [seed_results(folder / f"seed{s}", test) for s in seeds]
         plaus = aggregate_seeds([{k: p["test"][k] for k in PLAUSIBLE_KEYS} for p in per])
         main[name] = {"changes": changes, "mean_std": r["mean_std"], "runs": r["runs"], "config": rel(folder / "config.json"),
@@ -430,13 +438,10 @@ def run_cret_reproduction(mode: str = "quick",             # "quick" (tiny prese
     full_name = "CRET (GEES + CCM)"
     claims = paired_claims({k: v["runs"] for k, v in main.items()})
     # 2. ablations, each against a default CRET on the same schedule and seeds (the main table's runs in quick mode)
-    schedule = ABLATION_SCHEDULE if mode == "full" else {}
-    abl_config = lambda **ch: cret_config(mode, benchmark, **ch).replace(**schedule)
-    variants = ({"default": {}} if schedule else {}) | ablation_variants(mode)
     abl = {} if schedule else {"default": {"changes": {}, "runs": main[full_name]["runs"][:len(abl_seeds)],
                                            "dirs": [main[full_name]["dir"] / f"seed{s}" for s in abl_seeds]}}
     for name, changes in variants.items():
-        r = train_seeds(abl_config(**changes), abl_seeds, root / "ablation" / name, resume=True)
+        r = trained[root / "ablation" / name]
         abl[name] = {"changes": changes, "runs": r["runs"], "dirs": [root / "ablation" / name / f"seed{s}" for s in abl_seeds],
                      "config": rel(root / "ablation" / name / "config.json")}
     def summarize(names):

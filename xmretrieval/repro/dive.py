@@ -26,7 +26,7 @@ from ..models.dive import DivE, set_log_variance
 from .baseline import (EXTRA_PROTOCOLS, PLAUSIBLE_KEYS, REFERENCES, baseline_config, row_name,
                                         seed_results, with_protocol)
 from ..reproduce import mode_seeds, register_reproduction, save_figure
-from ..train import train_seeds
+from ..train import train_many
 
 # %% auto #0
 __all__ = ['SIMILARITY_LABELS', 'ARCH_LABELS', 'METRIC_KEYS', 'PUBLISHED', 'ABLATION_SCHEDULE', 'dive_config',
@@ -169,9 +169,8 @@ def _main_models(mode: str, benchmark: str, protocol: str | None, out_dir: Path)
         models["Region reference"] = (baseline_config(benchmark, "region", mode), out_dir / "biencoder" / benchmark / "region")
     return models
 
-def _seed_runs(cfg, seeds, folder: Path, out_dir: Path) -> dict:
-    "Train (or reuse) one model over the seeds; test metrics with the plausible ones, convergence and curves per seed."
-    res = train_seeds(cfg, seeds, folder, resume=True)
+def _seed_runs(cfg, seeds, folder: Path, out_dir: Path, res: dict) -> dict:
+    "One trained model over the seeds (`res`: its `train_seeds` result): test metrics with the plausible ones, convergence and curves per seed."
     test = load_split(cfg.data, "test")
     per = [seed_results(folder / f"seed{s}", test) for s in seeds]
     return {"mean_std": aggregate_seeds([p["test"] for p in per]), "runs": [p["test"] for p in per],
@@ -187,6 +186,7 @@ def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny pres
                           benchmark: str = "emoji-scenes",
                           protocols: tuple[str, ...] | None = None,  # more protocols for the main table (default: EXTRA_PROTOCOLS in full mode)
                           n_figure_items: int | None = None,  # images in the t-SNE (default 8 quick, 16 full)
+                          workers: int = 1,                 # training processes (`train.train_many`)
                          ) -> dict:
     "Train and evaluate the DivE reproduction (main tables, ablations, figures); return the summary dict."
     seeds = mode_seeds(mode, seeds)
@@ -195,19 +195,22 @@ def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny pres
     t0 = time.perf_counter()
     dcfg = dive_config(mode, benchmark)
     test = load_split(dcfg.data, "test")
+    # every run of the main tables and the ablations first, spread over the workers
+    models = {row_name(benchmark, p): _main_models(mode, benchmark, p, out_dir) for p in (None, *protocols)}
+    variants = {n: (ablation_config(mode, benchmark, ch), root / "ablation" / n) for n, ch in ablation_variants(mode).items()}
+    runs = [*(cf for ms in models.values() for cf in ms.values()), *variants.values()]
+    trained = {f: r for (_, f), r in zip(runs, train_many([(c, seeds, f) for c, f in runs], workers))}
     # 1. main tables, one per protocol, with the paired differences of the claimed orderings
     main, claims = {}, {}
-    for proto in (None, *protocols):
-        name = row_name(benchmark, proto)
-        main[name] = {m: _seed_runs(cfg, seeds, folder, out_dir) for m, (cfg, folder) in _main_models(mode, benchmark, proto, out_dir).items()}
+    for name, ms in models.items():
+        main[name] = {m: _seed_runs(cfg, seeds, folder, out_dir, trained[folder]) for m, (cfg, folder) in ms.items()}
         runs = {m: r["runs"] for m, r in main[name].items()}
         claims[name] = {f"{a} vs {b}": {k: paired_difference(runs[a], runs[b], k) for k in ("RSUM", "t2v/R-P", "v2t/R-P")}
                         for a, b in (("DivE", "Bi-encoder (VSE++)"), ("Region reference", "DivE")) if a in runs and b in runs}
     # 2./3. ablations: every variant over the seeds, paired with the default on the same schedule
     abl = {}
     for name, changes in ablation_variants(mode).items():
-        folder = root / "ablation" / name
-        r = train_seeds(ablation_config(mode, benchmark, changes), seeds, folder, resume=True)
+        folder = variants[name][1]; r = trained[folder]
         abl[name] = {"changes": changes, "runs": r["runs"], "mean_std": r["mean_std"], "config": str(folder.relative_to(out_dir) / "config.json"),
                      "history": [json.loads((folder / f"seed{s}" / "history.json").read_text()) for s in seeds]}
     for name, a in abl.items(): a["vs_default"] = paired_difference(a["runs"], abl["default"]["runs"])

@@ -24,7 +24,7 @@ from ..metrics import aggregate_seeds, format_mean_std, markdown_table, retrieva
 from ..models.rerank import CrossEncoderReranker, RerankModel, ce_score_matrix, coop_metrics, retrieve_and_rerank
 from .dive import embed_first_items, tsne_2d
 from ..reproduce import mode_seeds, register_reproduction, save_figure
-from ..train import train_seeds
+from ..train import train_many
 
 # %% auto #0
 __all__ = ['RERANK_PRESETS', 'VARIANTS', 'PUBLISHED', 'FULL_FIRST_STAGES', 'rerank_config', 'query_costs',
@@ -267,6 +267,7 @@ def run_rerank(mode: str = "quick",                    # "quick" (tiny preset, a
                n_latency_queries: int | None = None,    # text queries timed per method (default 5 quick, 20 full; CE-only: 3 of them)
                n_tsne_items: int | None = None,         # items in the t-SNE (default 8 quick, 16 full)
                resume: bool = True,
+               workers: int = 1,                        # training processes (`train.train_many`)
               ) -> dict:
     "Train BE, CE and Joint per benchmark and seed; evaluate BE, CE-only, Sep/Joint Coop, the K sweep, other first stages + CE; time queries; write tables and figures."
     seeds = mode_seeds(mode, seeds, quick=(0,))
@@ -275,9 +276,12 @@ def run_rerank(mode: str = "quick",                    # "quick" (tiny preset, a
     first_stages = (FULL_FIRST_STAGES if mode == "full" else {}) if first_stages is None else first_stages
     n_q = n_latency_queries or (5 if mode == "quick" else 20)
     out_dir, t0, results, joints, split_cache = Path(out_dir), time.perf_counter(), [], [], {}
+    all_cfgs = {b: {v: rerank_config(b, v, mode, (presets or {}).get(b)) for v in VARIANTS} for b in benchmarks}
+    jobs = [(c, seeds, out_dir / "rerank" / b / v) for b, cs in all_cfgs.items() for v, c in cs.items()]
+    trained = dict(zip([(b, v) for b, cs in all_cfgs.items() for v in cs], train_many(jobs, workers, resume)))  # every run first
     for bench in benchmarks:
-        cfgs = {v: rerank_config(bench, v, mode, (presets or {}).get(bench)) for v in VARIANTS}
-        runs = {v: train_seeds(c, seeds, out_dir / "rerank" / bench / v, resume=resume) for v, c in cfgs.items()}
+        cfgs = all_cfgs[bench]
+        runs = {v: trained[bench, v] for v in cfgs}
         test = load_split(cfgs["be"].data, cfgs["be"].data.test_split)
         per_seed, per_seed_comb, skipped = [], [], {}
         for s in seeds:
