@@ -16,14 +16,14 @@ import torch
 from fastcore.script import Param, call_parse
 from tqdm.auto import tqdm
 
-from .core import ConfigError, atomic_path
+from .core import ConfigError, XMRError, atomic_path
 from .data.core import BENCHMARKS, get_benchmark, load_benchmark
 from .metrics import markdown_table
 from .registry import Registry
 
 # %% auto #0
-__all__ = ['REPRODUCTIONS', 'MODES', 'FULL_PRESETS', 'register_reproduction', 'mode_seeds', 'save_figure', 'build_benchmarks',
-           'update_readme', 'training_compute', 'reproduce', 'main']
+__all__ = ['REPRODUCTIONS', 'MODES', 'FULL_PRESETS', 'register_reproduction', 'StageSkipped', 'mode_seeds', 'save_figure',
+           'build_benchmarks', 'update_readme', 'training_compute', 'reproduce', 'main']
 
 # %% ../nbs/90_reproduce.ipynb #2d6e3b96
 REPRODUCTIONS = Registry("reproduction", package="xmretrieval.repro")
@@ -34,6 +34,9 @@ def register_reproduction(name: str,       # the name in `--only` and of the tab
                          ):
     "Decorator: register a reproduction runner `run(mode, out_dir, workers) -> dict` that writes `out_dir/<name>.{json,md}`."
     return REPRODUCTIONS.register(name, order=order)
+
+class StageSkipped(XMRError, RuntimeError):
+    "Raised by a runner that cannot run here (e.g. its full mode needs a GPU): `reproduce` reports why and goes on."
 
 MODES = ("quick", "full")
 
@@ -120,7 +123,7 @@ def reproduce(mode: str = "full",                       # "full" (make reproduce
     unknown = sorted(set(only or ()) - set(names))
     if unknown: raise ConfigError(f"unknown reproductions {unknown}; choose from {names}")
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, skipped = time.perf_counter(), []
     parts = [build_benchmarks(mode, out_dir)["markdown"]]
     stages = [{"stage": "benchmarks (build or load)", "minutes": (time.perf_counter() - t0) / 60}]
     print(f"== benchmarks: {stages[0]['minutes']:.1f} min", flush=True)
@@ -128,7 +131,11 @@ def reproduce(mode: str = "full",                       # "full" (make reproduce
         if only and name not in only: continue
         print(f"== {name} ({mode})", flush=True)
         run, t1 = REPRODUCTIONS[name], time.perf_counter()
-        run(mode=mode, out_dir=out_dir, workers=workers)
+        try: run(mode=mode, out_dir=out_dir, workers=workers)
+        except StageSkipped as e:
+            print(f"== {name}: skipped: {e}", flush=True)
+            stages.append({"stage": name, "minutes": "skipped"}); skipped.append(f"- {name}: {e}")
+            continue
         if not (out_dir/f"{name}.md").exists():
             raise ConfigError(f"reproduction {name!r} ({run.__module__}.{run.__name__}) wrote no {name}.md")
         stages.append({"stage": name, "minutes": (time.perf_counter() - t1) / 60})
@@ -147,6 +154,7 @@ def reproduce(mode: str = "full",                       # "full" (make reproduce
         "\n\nminutes: wall time of this invocation (finished runs found in `results/` are reused, not retrained); training "
         "compute: the train + validation time of every run the stage's tables use, summed from their `history.json` "
         "(what the stage costs from scratch, as measured when each run was trained; feature builds not included)."
+        + ("\n\nSkipped here (their tables above, if any, are from an earlier run):\n\n" + "\n".join(skipped) if skipped else "") +
         f"\n\n_{mode} mode, {minutes:.0f} min on {platform.machine()} with {os.cpu_count()} cores, "
         f"torch {torch.__version__}; every number comes with its config in `results/`._\n")
     with atomic_path(out_dir/"SUMMARY.md") as tmp: tmp.write_text(summary)

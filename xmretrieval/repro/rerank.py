@@ -23,7 +23,7 @@ from ..index import Gallery
 from ..metrics import aggregate_seeds, format_mean_std, markdown_table, retrieval_metrics
 from ..models.rerank import CrossEncoderReranker, RerankModel, ce_score_matrix, coop_metrics, retrieve_and_rerank
 from .dive import embed_first_items, tsne_2d
-from ..reproduce import mode_seeds, register_reproduction, save_figure
+from ..reproduce import StageSkipped, mode_seeds, register_reproduction, save_figure
 from ..train import train_many
 
 # %% auto #0
@@ -268,9 +268,14 @@ def run_rerank(mode: str = "quick",                    # "quick" (tiny preset, a
                n_tsne_items: int | None = None,         # items in the t-SNE (default 8 quick, 16 full)
                resume: bool = True,
                workers: int = 1,                        # training processes (`train.train_many`)
+               allow_cpu: bool = False,                 # full mode without a GPU: run anyway (days) instead of StageSkipped
               ) -> dict:
     "Train BE, CE and Joint per benchmark and seed; evaluate BE, CE-only, Sep/Joint Coop, the K sweep, other first stages + CE; time queries; write tables and figures."
     seeds = mode_seeds(mode, seeds, quick=(0,))
+    if mode == "full" and not torch.cuda.is_available() and not allow_cpu:
+        raise StageSkipped("full mode fine-tunes MiniLM as a cross-encoder and scores every test pair: on a CPU about an hour per "
+                           "training epoch of each model and a day and a half per exhaustive CE-only test (one pass ~25 ms, "
+                           "bench/rerank.py); run `python -m xmretrieval.reproduce --only rerank` on a GPU machine, or pass allow_cpu=True")
     benchmarks = benchmarks or (["emoji-scenes"] if mode == "quick" else list(RERANK_PRESETS))
     ks = ks or [1, 5, 10, 20, 50, 100, 200]
     first_stages = (FULL_FIRST_STAGES if mode == "full" else {}) if first_stages is None else first_stages
