@@ -399,7 +399,7 @@ def train_many(jobs: list[tuple[TrainConfig, list[int], str | os.PathLike]],  # 
                resume: bool = True,
                **data,                             # train_data/val_data/test_data, as for `train_seeds`
               ) -> list[dict]:
-    "`train_seeds` for several configs, their runs spread over `workers` processes; one result per job, in order."
+    "`train_seeds` for several configs on one torch thread per run, the runs spread over `workers` processes; one result per job, in order."
     if workers < 1: raise ConfigError(f"`workers` must be >= 1, got {workers}")
     done = lambda d: (d / "metrics.json").exists() and (d / "last.safetensors").exists()
     todo = [(c, s, Path(d), resume, data) for c, seeds, d in jobs for s in seeds if not done(Path(d) / f"seed{s}")]
@@ -409,7 +409,7 @@ def train_many(jobs: list[tuple[TrainConfig, list[int], str | os.PathLike]],  # 
             for n, run in enumerate(pool.imap_unordered(_train_one, todo), 1):
                 print(f"[{n}/{len(todo)} runs, {(time.perf_counter() - t0) / 60:.1f} min] {run}", flush=True)
         resume = True                              # every run is finished now: the loop below only collects them
-    return [train_seeds(c, seeds, d, resume=resume, **data) for c, seeds, d in jobs]
+    return [train_seeds(c.replace(num_threads=1), seeds, d, resume=resume, **data) for c, seeds, d in jobs]
 
 
 # %% ../nbs/08_train.ipynb #eafb4843
