@@ -586,16 +586,15 @@ def _(tmp):
 @case("CLI", "`xmr train` when the disk fills up while writing a checkpoint (a file-size limit)", CLIExit2,
       r"cannot write .*\.safetensors' \(nothing was written\)")
 def _(tmp):
-    import resource
-    import signal
-
-    def small_disk():   # in the child: files may not grow beyond 20 kB (the checkpoints are larger)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    # the child limits its own files to 20 kB (the checkpoints are larger) before it runs the CLI: a preexec_fn would
+    # fork this process, and the gRPC threads the Milvus tests leave here abort a forked child now and then
+    small_disk = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                  "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)); "
+                  "from xmretrieval.cli import main; sys.exit(main(sys.argv[1:]))")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "-m", "xmretrieval.cli", "train", str(_trained() / "config.json"), "--out", str(tmp / "run")],
-                       env=env, preexec_fn=small_disk, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", small_disk, "train", str(_trained() / "config.json"), "--out", str(tmp / "run")],
+                       env=env, capture_output=True, text=True, timeout=300)
     assert not list((tmp / "run").glob("*.tmp")) and not list((tmp / "run").glob(".*.tmp")), "a temporary file was left"
     assert not (tmp / "run" / "last.safetensors").exists() and not (tmp / "run" / "best.safetensors").exists()
     assert r.returncode == 2 and r.stderr.startswith("xmr train: error:"), (r.returncode, r.stderr[-2000:])
