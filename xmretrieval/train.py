@@ -391,7 +391,7 @@ def train_seeds(config: TrainConfig,
 def _train_one(job: tuple) -> str:
     "Worker of `train_many`: one seed of one config on one torch thread; returns its run folder."
     config, seed, out_dir, resume, data = job
-    train_seeds(config.replace(num_threads=1, progress=False), [seed], out_dir, resume=resume, **data)
+    train_seeds(config.replace(progress=False), [seed], out_dir, resume=resume, **data)
     return str(Path(out_dir) / f"seed{seed}")
 
 def train_many(jobs: list[tuple[TrainConfig, list[int], str | os.PathLike]],  # (config, seeds, out_dir) of each train_seeds call
@@ -401,15 +401,16 @@ def train_many(jobs: list[tuple[TrainConfig, list[int], str | os.PathLike]],  # 
               ) -> list[dict]:
     "`train_seeds` for several configs on one torch thread per run, the runs spread over `workers` processes; one result per job, in order."
     if workers < 1: raise ConfigError(f"`workers` must be >= 1, got {workers}")
+    jobs = [(c.replace(num_threads=1), seeds, Path(d)) for c, seeds, d in jobs]
     done = lambda d: (d / "metrics.json").exists() and (d / "last.safetensors").exists()
-    todo = [(c, s, Path(d), resume, data) for c, seeds, d in jobs for s in seeds if not done(Path(d) / f"seed{s}")]
+    todo = [(c, s, d, resume, data) for c, seeds, d in jobs for s in seeds if not done(d / f"seed{s}")]
     if workers > 1 and len(todo) > 1:
         t0 = time.perf_counter()
         with get_context("spawn").Pool(min(workers, len(todo)), maxtasksperchild=1) as pool:
             for n, run in enumerate(pool.imap_unordered(_train_one, todo), 1):
                 print(f"[{n}/{len(todo)} runs, {(time.perf_counter() - t0) / 60:.1f} min] {run}", flush=True)
         resume = True                              # every run is finished now: the loop below only collects them
-    return [train_seeds(c.replace(num_threads=1), seeds, d, resume=resume, **data) for c, seeds, d in jobs]
+    return [train_seeds(c, seeds, d, resume=resume, **data) for c, seeds, d in jobs]
 
 
 # %% ../nbs/08_train.ipynb #eafb4843

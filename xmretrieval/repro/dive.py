@@ -198,8 +198,8 @@ def run_dive_reproduction(mode: str = "quick",              # "quick" (tiny pres
     # every run of the main tables and the ablations first, spread over the workers
     models = {row_name(benchmark, p): _main_models(mode, benchmark, p, out_dir) for p in (None, *protocols)}
     variants = {n: (ablation_config(mode, benchmark, ch), root / "ablation" / n) for n, ch in ablation_variants(mode).items()}
-    runs = [*(cf for ms in models.values() for cf in ms.values()), *variants.values()]
-    trained = {f: r for (_, f), r in zip(runs, train_many([(c, seeds, f) for c, f in runs], workers))}
+    every = [*(cf for ms in models.values() for cf in ms.values()), *variants.values()]
+    trained = {f: r for (_, f), r in zip(every, train_many([(c, seeds, f) for c, f in every], workers))}
     # 1. main tables, one per protocol, with the paired differences of the claimed orderings
     main, claims = {}, {}
     for name, ms in models.items():
