@@ -59,6 +59,11 @@ class DataConfig(Config):
     val_split: str | None = "val"    # None: no validation (no best checkpoint)
     test_split: str | None = "test"  # None: no test evaluation
     cache_dir: str | None = None     # benchmark cache (default $XMR_CACHE or ~/.cache/xmretrieval)
+    eval_items: int | None = None    # val and test: only their first N items and those items' captions (None: all), for exhaustive cross-encoders
+
+    def __post_init__(self):
+        if self.eval_items is not None and (isinstance(self.eval_items, bool) or not isinstance(self.eval_items, int) or self.eval_items < 1):
+            raise ConfigError(f"DataConfig.eval_items must be an int >= 1 or None, got {self.eval_items!r}")
 
 # %% ../nbs/07a_checkpoint.ipynb #1db91917
 @dataclasses.dataclass
@@ -146,7 +151,7 @@ def reproduction_config(mode: str,                 # "quick" (the `tiny` preset 
 
 # %% ../nbs/07a_checkpoint.ipynb #25553122
 def load_split(data: DataConfig, split: str):
-    "One split as a `RetrievalData`: from `data.path` (a folder of saved splits) or the registered benchmark."
+    "One split as a `RetrievalData`: from `data.path` (a folder of saved splits) or the registered benchmark; val/test cut to `data.eval_items` items."
     from xmretrieval.data.core import load_benchmark, load_data
     if data.path is not None:
         p = Path(data.path)
@@ -155,8 +160,10 @@ def load_split(data: DataConfig, split: str):
         d = load_data(f)
         if d is None: raise DataError(f"data path {str(p)!r} has no readable split file {f.name!r} "
                                       f"(found {sorted(q.name for q in p.glob('*.safetensors'))})")
-        return d
-    return load_benchmark(data.benchmark, preset=data.preset, split=split, cache_dir=data.cache_dir)
+    else: d = load_benchmark(data.benchmark, preset=data.preset, split=split, cache_dir=data.cache_dir)
+    if split != data.train_split and data.eval_items is not None and data.eval_items < d.n_visual:
+        d = d.subset(range(data.eval_items))
+    return d
 
 # %% ../nbs/07a_checkpoint.ipynb #f541c26b
 def evaluate(model: RetrievalModel,  # a trained model (unwrapped, not DDP)
