@@ -22,7 +22,7 @@ from .base import RetrievalModel, register_model
 
 # %% auto #0
 __all__ = ['TINY_BERT', 'RRF_K', 'RerankConfig', 'RerankModel', 'Reranker', 'CrossEncoderReranker', 'fuse_scores', 'rerank_topk',
-           'retrieve_and_rerank', 'ce_score_matrix', 'coop_metrics']
+           'retrieve_and_rerank', 'ce_score_matrix', 'ScoreMatrixReranker', 'coop_metrics']
 
 # %% ../../nbs/13_models.rerank.ipynb #5a9cdacf
 @dataclasses.dataclass
@@ -443,10 +443,42 @@ def retrieve_and_rerank(gallery,                 # an xmretrieval.index.Gallery 
 # %% ../../nbs/13_models.rerank.ipynb #c0dc3279
 def ce_score_matrix(model: RerankModel, data,   # a RetrievalData split
                     batch_size: int | None = None, # pairs per pass
+                    output: str = "score",         # "score" (match logit) or "prob" (match probability)
                    ) -> Tensor:
     "CE-only: the (n_t, n_v) cross-encoder scores of every caption against every visual item of `data`."
     rr = CrossEncoderReranker(model, data.visual_local, data.visual_mask, batch_size)
-    return torch.stack(rr.score(list(data.captions)))
+    return torch.stack(rr.score(list(data.captions), output=output))
+
+class ScoreMatrixReranker(Reranker):
+    "A `Reranker` that reads precomputed scores of every (query, item) pair (a `ce_score_matrix`) instead of running a model; queries are row positions, `passes` counts the pairs read."
+    def __init__(self, scores: Tensor,    # (nq, m) the score of every query row against every item
+                 output: str = "score",   # what `scores` holds: "score" (match logits) or "prob" (match probabilities)
+                ):
+        check_tensor(scores, "scores", ndim=2)
+        if output not in ("score", "prob"): raise ConfigError(f"`output` must be 'score' or 'prob', got {output!r}")
+        self.scores, self.output = scores.float().cpu(), output
+        self.n_items, self.passes = scores.shape[1], 0
+
+    def __repr__(self) -> str: return f"ScoreMatrixReranker({tuple(self.scores.shape)} {self.output}s, {self.passes} passes)"
+
+    def _rows(self, queries) -> Tensor:
+        q = torch.as_tensor(queries, dtype=torch.long).reshape(-1)
+        if len(q) and (int(q.min()) < 0 or int(q.max()) >= len(self.scores)):
+            raise DataError(f"`queries` holds rows outside [0, {len(self.scores)}): this reranker's queries are row positions of its matrix")
+        return q
+
+    def _n_queries(self, queries) -> int: return len(self._rows(queries))
+
+    def score(self, queries,              # (nq,) row positions of the queries
+              candidates=None,            # per query, positions in the items (None: all)
+              output: str = "score", **kwargs) -> list[Tensor]:
+        "The stored scores of every (query, candidate) pair: one (len(candidates[i]),) tensor per query."
+        if output != self.output:
+            raise ConfigError(f"this matrix holds {self.output!r} values, {output!r} was asked: compute it with `ce_score_matrix(..., output={output!r})`")
+        rows = self._rows(queries)
+        cands = self._check(queries, candidates, len(rows))
+        self.passes += sum(len(c) for c in cands)
+        return [self.scores[r, c] for r, c in zip(rows.tolist(), cands)]
 
 def _coop_matrix(first: Tensor, idx: Tensor, fused: Tensor) -> Tensor:
     "Scores whose ranking puts `idx` (in `fused` order) first and the rest in `first`'s order behind them."
@@ -459,19 +491,28 @@ def coop_metrics(first_scores: Tensor,     # (n_t, n_v) first-stage scores of th
                  k: int = 20,              # candidates reranked per query
                  mode: str = "replace", fusion_weight: float = 0.5,
                  batch_size: int | None = None,
+                 ce_scores: Tensor | None = None,  # (n_t, n_v) this cross-encoder's `ce_score_matrix` of the split (probabilities
+                                                   # for mode='linear'): read instead of rescoring, the same ranks and pass count
                 ) -> dict:
-    "Retrieval metrics of Coop (t2v and v2t) plus `ce_passes`, the cross-encoder pairs scored."
+    "Retrieval metrics of Coop (t2v and v2t) plus `ce_passes`, the cross-encoder pairs scored (or read from `ce_scores`)."
     from xmretrieval.metrics import metrics_from_ranks, retrieval_ranks
     check_tensor(first_scores, "first_scores", ndim=2, dims={0: data.n_text, 1: data.n_visual})
     if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ConfigError(f"`k` must be a positive int, got {k!r}")
     first_scores = first_scores.float().cpu()
     kt, kv = min(k, data.n_visual), min(k, data.n_text)
-    rt = CrossEncoderReranker(cross_encoder, data.visual_local, data.visual_mask, batch_size)
+    if ce_scores is None:
+        rt = CrossEncoderReranker(cross_encoder, data.visual_local, data.visual_mask, batch_size)
+        rv = CrossEncoderReranker(cross_encoder, list(data.captions), batch_size=batch_size)
+        qt, qv, qmask = list(data.captions), data.visual_local, data.visual_mask
+    else:
+        check_tensor(ce_scores, "ce_scores", ndim=2, dims={0: data.n_text, 1: data.n_visual})
+        out = "prob" if mode == "linear" else "score"
+        rt, rv = ScoreMatrixReranker(ce_scores, out), ScoreMatrixReranker(ce_scores.T, out)
+        qt, qv, qmask = torch.arange(data.n_text), torch.arange(data.n_visual), None
     s, i = first_scores.topk(kt, dim=1)
-    it, ft = rerank_topk(i, s, list(data.captions), rt, mode, fusion_weight)
-    rv = CrossEncoderReranker(cross_encoder, list(data.captions), batch_size=batch_size)
+    it, ft = rerank_topk(i, s, qt, rt, mode, fusion_weight)
     s, i = first_scores.T.topk(kv, dim=1)
-    iv, fv = rerank_topk(i, s, data.visual_local, rv, mode, fusion_weight, query_mask=data.visual_mask)
+    iv, fv = rerank_topk(i, s, qv, rv, mode, fusion_weight, query_mask=qmask)
     t2v_rank = retrieval_ranks(_coop_matrix(first_scores, it, ft).float(), data.text_to_visual)[0]
     v2t_rank = retrieval_ranks(_coop_matrix(first_scores.T, iv, fv).T.contiguous().float(), data.text_to_visual)[1]
     return {**metrics_from_ranks(t2v_rank, v2t_rank), "ce_passes": rt.passes + rv.passes}

@@ -50,17 +50,17 @@ def rerank_config(benchmark: str, variant: str, mode: str = "full", preset: str 
     return cfg.replace(model_config={**cfg.model_config, "use": variant},
                        data=cfg.data.replace(benchmark=benchmark) if mode == "quick" else cfg.data)
 
-def _eval_split(be, ce, joint, test, k: int, ks: list[int]) -> dict:
-    "Metrics of every method on `test` (dicts of t2v/v2t recalls, RSUM, ce_passes)."
+def _eval_split(be, ce_mat: Tensor, joint, joint_mat: Tensor, test, k: int, ks: list[int]) -> dict:
+    "Metrics of every method on `test` (dicts of t2v/v2t recalls, RSUM, ce_passes); `ce_mat`, `joint_mat`: the CE's and the joint model's `ce_score_matrix`, which every Coop reads."
     be_s, jt_s = be.score(*be.embed(test)), joint.score(*joint.embed(test))
     n_pairs = test.n_text * test.n_visual
     out = {"BE": {**retrieval_metrics(be_s, test.text_to_visual), "ce_passes": 0},
-           "CE-only": {**retrieval_metrics(ce_score_matrix(ce, test), test.text_to_visual), "ce_passes": 2 * n_pairs},
-           f"Sep Coop (K={k})": coop_metrics(be_s, ce, test, k),
+           "CE-only": {**retrieval_metrics(ce_mat, test.text_to_visual), "ce_passes": 2 * n_pairs},
+           f"Sep Coop (K={k})": coop_metrics(be_s, None, test, k, ce_scores=ce_mat),
            "Joint BE": {**retrieval_metrics(jt_s, test.text_to_visual), "ce_passes": 0},
-           "Joint CE-only": {**retrieval_metrics(ce_score_matrix(joint, test), test.text_to_visual), "ce_passes": 2 * n_pairs},
-           f"Joint Coop (K={k})": coop_metrics(jt_s, joint, test, k)}
-    sweep = {kk: coop_metrics(jt_s, joint, test, kk) for kk in ks if kk <= max(test.n_visual, test.n_text)}
+           "Joint CE-only": {**retrieval_metrics(joint_mat, test.text_to_visual), "ce_passes": 2 * n_pairs},
+           f"Joint Coop (K={k})": coop_metrics(jt_s, None, test, k, ce_scores=joint_mat)}
+    sweep = {kk: coop_metrics(jt_s, None, test, kk, ce_scores=joint_mat) for kk in ks if kk <= max(test.n_visual, test.n_text)}
     return {"methods": out, "k_sweep": {str(kk): v for kk, v in sweep.items()}}
 
 # %% ../../nbs/33_repro.rerank.ipynb #4e72a3b2
@@ -167,6 +167,7 @@ def combination_metrics(first_stages: dict,          # name -> any first-stage m
                         k: int = 20,                 # candidates reranked per query
                         first_data: dict | None = None,  # name -> the same split as that first stage reads it (default: `data`)
                         batch_size: int | None = None,
+                        ce_scores: Tensor | None = None,  # (n_t, n_v) the cross-encoder's `ce_score_matrix` of `data`: read, not rescored
                        ) -> dict[str, dict]:
     "Rows '<name>' (the first stage alone) and '<name> + CE (K=k)' (its top K reranked by the cross-encoder): t2v/v2t metrics and `ce_passes`."
     first_data = first_data or {}
@@ -177,7 +178,7 @@ def combination_metrics(first_stages: dict,          # name -> any first-stage m
         if why: raise DataError(f"first stage {name!r} cannot be combined with this cross-encoder's split: {why}")
         scores = model.score(*model.embed(fd))
         rows[name] = {**retrieval_metrics(scores, data.text_to_visual), "ce_passes": 0}
-        rows[f"{name} + CE (K={k})"] = coop_metrics(scores, cross_encoder, data, k, batch_size=batch_size)
+        rows[f"{name} + CE (K={k})"] = coop_metrics(scores, cross_encoder, data, k, batch_size=batch_size, ce_scores=ce_scores)
     return rows
 
 def load_first_stage(run_dir: str | os.PathLike,  # a train_seeds folder (seed<N>/), a run folder or a checkpoint file
@@ -240,16 +241,18 @@ def plot_be_tsne(model: RerankModel,    # its bi-encoder use embeds items and ca
 FULL_FIRST_STAGES = {"DivE": "dive/main/dive", "Bi-encoder (VSE++)": "biencoder/{benchmark}/triplet"}
 "Full mode's default first stages: the DivE and bi-encoder reproductions' runs in `out_dir` (`{benchmark}` is filled in)."
 
-def _first_stages(first_stages: dict, bench: str, out_dir: Path, seed: int, test, cache: dict) -> tuple[dict, dict, dict]:
-    "The first stages that can rerank on `test`: (name -> model, name -> their view of the split, name -> why skipped)."
+def _first_stages(first_stages: dict, bench: str, out_dir: Path, seed: int, test, cache: dict,
+                  eval_items: int | None = None) -> tuple[dict, dict, dict]:
+    "The first stages that can rerank on `test`, their test split cut to the cross-encoder's `eval_items`: (name -> model, name -> their view of the split, name -> why skipped)."
     models, views, skipped = {}, {}, {}
     for name, run_dir in first_stages.items():
         p = Path(str(run_dir).format(benchmark=bench))
         p = out_dir / p if not p.is_absolute() and (out_dir / p).exists() else p   # relative: to out_dir first
         try: model, cfg = load_first_stage(p, seed)
         except CheckpointError as e: skipped[name] = str(e); continue
-        key = json.dumps(cfg.data.to_dict(), sort_keys=True)
-        if key not in cache: cache[key] = load_split(cfg.data, cfg.data.test_split or "test")
+        data = cfg.data.replace(eval_items=eval_items)
+        key = json.dumps(data.to_dict(), sort_keys=True)
+        if key not in cache: cache[key] = load_split(data, data.test_split or "test")
         why = split_mismatch(cache[key], test)
         if why: skipped[name] = f"trained on {cfg.data.benchmark} ({cfg.data.preset}): {why}"; continue
         models[name], views[name] = model, cache[key]
@@ -273,9 +276,10 @@ def run_rerank(mode: str = "quick",                    # "quick" (tiny preset, a
     "Train BE, CE and Joint per benchmark and seed; evaluate BE, CE-only, Sep/Joint Coop, the K sweep, other first stages + CE; time queries; write tables and figures."
     seeds = mode_seeds(mode, seeds, quick=(0,))
     if mode == "full" and not torch.cuda.is_available() and not allow_cpu:
-        raise StageSkipped("full mode fine-tunes MiniLM as a cross-encoder and scores every test pair: on a CPU about an hour per "
-                           "training epoch of each model and a day and a half per exhaustive CE-only test (one pass ~25 ms, "
-                           "bench/rerank.py); run `python -m xmretrieval.reproduce --only rerank` on a GPU machine, or pass allow_cpu=True")
+        raise StageSkipped("full mode fine-tunes MiniLM (6 layers) as a cross-encoder and scores every val and test pair: on this "
+                           "CPU about 12 min per training epoch of a CE model and 80 min per exhaustive pass over the 200 x 1,000 "
+                           "test pairs (one pass ~25 ms, bench/rerank.py), some two days in all; run `python -m xmretrieval.reproduce "
+                           "--only rerank` on a GPU machine, or pass allow_cpu=True")
     benchmarks = benchmarks or (["emoji-scenes"] if mode == "quick" else list(RERANK_PRESETS))
     ks = ks or [1, 5, 10, 20, 50, 100, 200]
     first_stages = (FULL_FIRST_STAGES if mode == "full" else {}) if first_stages is None else first_stages
@@ -291,11 +295,13 @@ def run_rerank(mode: str = "quick",                    # "quick" (tiny preset, a
         per_seed, per_seed_comb, skipped = [], [], {}
         for s in seeds:
             models = {v: load_checkpoint(out_dir / "rerank" / bench / v / f"seed{s}" / "best.safetensors")[0] for v in VARIANTS}
-            firsts, views, skipped = _first_stages(first_stages, bench, out_dir, s, test, split_cache)
-            with torch.no_grad():
-                per_seed.append(_eval_split(models["be"], models["ce"], models["joint"], test, k, ks))
+            firsts, views, skipped = _first_stages(first_stages, bench, out_dir, s, test, split_cache, cfgs["be"].data.eval_items)
+            with torch.no_grad():   # each cross-encoder scores every test pair once; CE-only, Coop and the K sweep read it
+                ce_mat, joint_mat = ce_score_matrix(models["ce"], test), ce_score_matrix(models["joint"], test)
+                per_seed.append(_eval_split(models["be"], ce_mat, models["joint"], joint_mat, test, k, ks))
                 if firsts:
-                    per_seed_comb.append(combination_metrics({"BE": models["be"], **firsts}, models["ce"], test, k, first_data=views))
+                    per_seed_comb.append(combination_metrics({"BE": models["be"], **firsts}, models["ce"], test, k,
+                                                             first_data=views, ce_scores=ce_mat))
             if s == seeds[0]: joints.append((models["joint"], test))
         methods = list(per_seed[0]["methods"])
         agg = {m: aggregate_seeds([r["methods"][m] for r in per_seed]) for m in methods}
