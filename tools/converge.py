@@ -15,6 +15,8 @@ behind results/biencoder_converge_*/; each preset's lr and epochs are the select
     $P --preset biencoder_infonce_objects --sweep 2e-4:100 1e-3:100 --out results/biencoder_converge_infonce_objects
     $P --preset cret_emoji_video --data-preset small --batch-size 128 --sweep 1e-3:80 2e-3:80 --out results/cret_converge_video_small
     $P --preset region_emoji_scenes --sweep 2e-4:60 2e-4:120 --out results/region_converge_scenes
+    $P --preset region_emoji_objects --sweep 2e-4:20 2e-4:60 --out results/region_converge_objects
+    $P --preset region_emoji_video --data-preset small --sweep 2e-4:60 2e-4:200 2e-4:400 --out results/region_converge_video_small
 
 Sweep points may run in separate processes on the same --out (each writes its own lr*_ep* folder); a last call
 with every point reuses the finished runs and writes the summary (summary.json/.md, val_curves.png). On a
