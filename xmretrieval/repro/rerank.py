@@ -277,7 +277,7 @@ def run_rerank(mode: str = "quick",                    # "quick" (tiny preset, a
     seeds = mode_seeds(mode, seeds, quick=(0,))
     if mode == "full" and not torch.cuda.is_available() and not allow_cpu:
         raise StageSkipped("full mode fine-tunes MiniLM (6 layers) as a cross-encoder and scores every val and test pair: on this "
-                           "CPU about 12 min per training epoch of a CE model and 80 min per exhaustive pass over the 200 x 1,000 "
+                           "CPU 8 to 12 min per training epoch of a CE model and 80 min per exhaustive pass over the 200 x 1,000 "
                            "test pairs (one pass ~25 ms, bench/rerank.py), some two days in all; run `python -m xmretrieval.reproduce "
                            "--only rerank` on a GPU machine, or pass allow_cpu=True")
     benchmarks = benchmarks or (["emoji-scenes"] if mode == "quick" else list(RERANK_PRESETS))
