@@ -486,7 +486,7 @@ def _coop_matrix(first: Tensor, idx: Tensor, fused: Tensor) -> Tensor:
     return rest.scatter(1, idx, fused.double())
 
 def coop_metrics(first_scores: Tensor,     # (n_t, n_v) first-stage scores of the split (any model's `score`)
-                 cross_encoder: RerankModel,
+                 cross_encoder: RerankModel | None,  # scores the candidates (None when `ce_scores` holds its scores)
                  data,                     # the RetrievalData split the scores belong to
                  k: int = 20,              # candidates reranked per query
                  mode: str = "replace", fusion_weight: float = 0.5,
@@ -501,6 +501,7 @@ def coop_metrics(first_scores: Tensor,     # (n_t, n_v) first-stage scores of th
     first_scores = first_scores.float().cpu()
     kt, kv = min(k, data.n_visual), min(k, data.n_text)
     if ce_scores is None:
+        if cross_encoder is None: raise ConfigError("pass a `cross_encoder` or its `ce_scores`")
         rt = CrossEncoderReranker(cross_encoder, data.visual_local, data.visual_mask, batch_size)
         rv = CrossEncoderReranker(cross_encoder, list(data.captions), batch_size=batch_size)
         qt, qv, qmask = list(data.captions), data.visual_local, data.visual_mask
